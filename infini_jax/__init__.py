@@ -1,0 +1,3 @@
+"""infini-jax: Infini-attention in JAX/Flax NNX."""
+
+__version__ = "0.1.0"
