@@ -1,0 +1,446 @@
+"""Infini-attention: the pure math (Munkhdalai, Faruqui, Gopal 2024, arXiv 2404.07143, v2 equations).
+
+Everything here is a plain function of arrays; Flax modules only hold the parameters. Shapes:
+
+    q, k : [B, N, H, d_key]        v : [B, N, H, d_value]      (one segment of N tokens)
+    M    : [B, H, d_key, d_value]  z : [B, H, d_key]           (compressive memory, always float32)
+    gate_logit (β) : [H]
+
+Equations:
+    σ(x)   = ELU(x) + 1
+    A_dot  = softmax(Q Kᵀ / sqrt(d_key) + causal) V            (eq. 6, RoPE on this path only)
+    A_mem  = σ(Q) M / (σ(Q) z)                                 (eq. 7)
+    linear : M ← M + σ(K)ᵀ V                                   (eq. 8)
+    delta  : M ← M + σ(K)ᵀ (V − σ(K) M / (σ(K) z))             (eq. 9)
+    z      ← z + Σ_t σ(K_t)                                    (both rules)
+    A      = sigmoid(β) A_mem + (1 − sigmoid(β)) A_dot         (eq. 10)
+
+Decisions the paper leaves open (fixed here, tested in tests/test_attention.py):
+  * Memory starts at zero (`init_memory`). A (batch row, head) whose z is all zeros is *empty*: it reads
+    nothing, its output is exactly A_dot with no gate applied, and the delta update equals the linear one.
+  * The only guard is max(denominator, 1e-6) in eq. 7/9. σ(·) > 0 and z ≥ 0, so the denominator is 0
+    only for empty memory (where the numerator is 0 too) or when σ(q) underflows; the guard never touches
+    a denominator of ordinary size.
+  * M and z are accumulated in float32 whatever the activation dtype; local softmax runs in float32.
+  * Retrieval happens before the update (read the memory of earlier segments, then write this one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+RULES = ("linear", "delta")
+MODES = ("scan", "parallel")
+DENOM_EPS = 1e-6
+
+
+class MemoryState(NamedTuple):
+    """Per-layer compressive memory. M: [B, H, d_key, d_value], z: [B, H, d_key], both float32."""
+
+    M: jax.Array
+    z: jax.Array
+
+
+class XLCache(NamedTuple):
+    """Transformer-XL cache: keys/values of the previous segment. k: [B, N, H, d_key], v: [B, N, H, d_value],
+    valid: [B] bool (False until a segment has been seen, or after a reset)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks: plain Python on static shapes, so they raise before anything is traced or computed.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown memory update rule {rule!r}: use one of {RULES}")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {MODES}")
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(
+                f"{name} must have rank 4 [batch, length, heads, dim], got shape {jnp.shape(x)}"
+            )
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, N, H, d_key]: q {q.shape}, k {k.shape}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"v must match k in [batch, length, heads]: k {k.shape}, v {v.shape}"
+        )
+
+
+def _check_state(state: MemoryState, batch: int, heads: int, d_key: int, d_value: int) -> None:
+    want_m, want_z = (batch, heads, d_key, d_value), (batch, heads, d_key)
+    if tuple(state.M.shape) != want_m or tuple(state.z.shape) != want_z:
+        raise ValueError(
+            f"memory state shape mismatch: expected M {want_m} and z {want_z} "
+            f"(from q/k/v), got M {tuple(state.M.shape)} and z {tuple(state.z.shape)}"
+        )
+
+
+def _check_gate(gate_logit, heads: int) -> None:
+    if tuple(jnp.shape(gate_logit)) != (heads,):
+        raise ValueError(f"gate_logit must have shape [heads] = ({heads},), got {jnp.shape(gate_logit)}")
+
+
+def _check_segments(length: int, segment_len: int) -> int:
+    if segment_len <= 0:
+        raise ValueError(f"segment_len must be positive, got {segment_len}")
+    if length % segment_len:
+        raise ValueError(
+            f"sequence length {length} is not a multiple of segment_len {segment_len}: "
+            f"pad or trim the input to n_segments * segment_len"
+        )
+    return length // segment_len
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------
+
+
+def sigma(x: jax.Array) -> jax.Array:
+    """The feature map σ(x) = ELU(x) + 1, evaluated in float32 (always > 0)."""
+    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+
+
+def init_memory(batch: int, num_heads: int, d_key: int, d_value: int) -> MemoryState:
+    """An empty memory: zeros, float32 regardless of the compute dtype."""
+    return MemoryState(
+        M=jnp.zeros((batch, num_heads, d_key, d_value), jnp.float32),
+        z=jnp.zeros((batch, num_heads, d_key), jnp.float32),
+    )
+
+
+def is_empty(state: MemoryState) -> jax.Array:
+    """[B, H] bool: True where nothing has been written yet (z all zeros)."""
+    return jnp.all(state.z == 0, axis=-1)
+
+
+def reset_memory(state: MemoryState, reset_b: jax.Array) -> MemoryState:
+    """Clears the memory of the batch rows where reset_b [B] is True (start of a new document)."""
+    keep_b = ~reset_b.astype(bool)
+    return MemoryState(
+        M=state.M * keep_b[:, None, None, None].astype(state.M.dtype),
+        z=state.z * keep_b[:, None, None].astype(state.z.dtype),
+    )
+
+
+def apply_rope(x_bnhd: jax.Array, positions_n: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding, Llama's rotate-half convention, computed in float32."""
+    d = x_bnhd.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {d}")
+    inv_freq_f = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [d/2]
+    angle_nf = positions_n.astype(jnp.float32)[:, None] * inv_freq_f[None, :]  # [N, d/2]
+    cos_n1d = jnp.cos(jnp.concatenate([angle_nf, angle_nf], -1))[:, None, :]  # [N, 1, d]
+    sin_n1d = jnp.sin(jnp.concatenate([angle_nf, angle_nf], -1))[:, None, :]
+    x = x_bnhd.astype(jnp.float32)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos_n1d + rotated * sin_n1d).astype(x_bnhd.dtype)
+
+
+def _softmax_attention(q_bnhk, k_bmhk, v_bmhv, mask_bnm) -> jax.Array:
+    """softmax(q kᵀ / sqrt(d_key) + mask) v in float32. mask_bnm broadcastable to [B, N, M], True = attend."""
+    d_key = q_bnhk.shape[-1]
+    # [B, N, H, K] x [B, M, H, K] -> [B, H, N, M]
+    logits_bhnm = jnp.einsum(
+        "bnhk,bmhk->bhnm", q_bnhk, k_bmhk, preferred_element_type=jnp.float32
+    ) / math.sqrt(d_key)
+    logits_bhnm = jnp.where(mask_bnm[:, None], logits_bhnm, -1e30)
+    probs_bhnm = jax.nn.softmax(logits_bhnm, axis=-1)
+    # [B, H, N, M] x [B, M, H, V] -> [B, N, H, V]
+    return jnp.einsum("bhnm,bmhv->bnhv", probs_bhnm, v_bmhv.astype(jnp.float32))
+
+
+def local_attention(q_bnhk, k_bnhk, v_bnhv, *, rope_base: Optional[float] = None) -> jax.Array:
+    """Causal softmax attention inside one segment (eq. 6), float32 output [B, N, H, d_value]."""
+    n = q_bnhk.shape[1]
+    if rope_base is not None:
+        pos_n = jnp.arange(n)
+        q_bnhk, k_bnhk = apply_rope(q_bnhk, pos_n, rope_base), apply_rope(k_bnhk, pos_n, rope_base)
+    causal_1nn = jnp.tril(jnp.ones((n, n), bool))[None]
+    return _softmax_attention(q_bnhk, k_bnhk, v_bnhv, causal_1nn)
+
+
+def _read(M_bhkv, z_bhk, sq_bnhk) -> jax.Array:
+    """σ(q) M / max(σ(q) z, eps) for already-featurised queries; float32 [B, N, H, d_value]."""
+    num_bnhv = jnp.einsum("bnhk,bhkv->bnhv", sq_bnhk, M_bhkv)  # [B,N,H,K] x [B,H,K,V] -> [B,N,H,V]
+    den_bnh = jnp.einsum("bnhk,bhk->bnh", sq_bnhk, z_bhk)  # [B,N,H,K] x [B,H,K] -> [B,N,H]
+    return num_bnhv / jnp.maximum(den_bnh, DENOM_EPS)[..., None]
+
+
+def retrieve(state: MemoryState, q_bnhk: jax.Array) -> jax.Array:
+    """Memory read, eq. 7: σ(Q) M / (σ(Q) z). Float32 [B, N, H, d_value]; exactly 0 for empty memory."""
+    if jnp.ndim(q_bnhk) != 4:
+        raise ValueError(f"q must have rank 4 [batch, length, heads, d_key], got shape {jnp.shape(q_bnhk)}")
+    b, _, h, d_key = q_bnhk.shape
+    _check_state(state, b, h, d_key, state.M.shape[-1])
+    return _read(state.M, state.z, sigma(q_bnhk))
+
+
+def update(state: MemoryState, k_bnhk: jax.Array, v_bnhv: jax.Array, rule: str) -> MemoryState:
+    """Memory write: eq. 8 ("linear") or eq. 9 ("delta"); z ← z + Σ_t σ(K_t). Float32 throughout."""
+    _check_rule(rule)
+    _check_qkv(k_bnhk, k_bnhk, v_bnhv)
+    b, _, h, d_key = k_bnhk.shape
+    _check_state(state, b, h, d_key, v_bnhv.shape[-1])
+    sk_bnhk = sigma(k_bnhk)
+    v_bnhv = v_bnhv.astype(jnp.float32)
+    if rule == "delta":  # write only what the memory does not already return for these keys
+        v_bnhv = v_bnhv - _read(state.M, state.z, sk_bnhk)
+    # [B, N, H, K] x [B, N, H, V] -> [B, H, K, V]
+    M_bhkv = state.M + jnp.einsum("bnhk,bnhv->bhkv", sk_bnhk, v_bnhv)
+    z_bhk = state.z + jnp.sum(sk_bnhk, axis=1)  # [B, N, H, K] -> [B, H, K]
+    return MemoryState(M_bhkv, z_bhk)
+
+
+def _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, empty_bh) -> jax.Array:
+    """Eq. 10, with empty memory reading nothing: those (row, head) pairs get A_dot exactly."""
+    g_h = jax.nn.sigmoid(gate_logit_h.astype(jnp.float32))[None, None, :, None]  # [1, 1, H, 1]
+    mixed_bnhv = g_h * a_mem_bnhv + (1.0 - g_h) * a_dot_bnhv
+    return jnp.where(empty_bh[:, None, :, None], a_dot_bnhv, mixed_bnhv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One segment, and a sequence of segments
+# ----------------------------------------------------------------------------------------------------
+
+
+def infini_attention(
+    q_bnhk: jax.Array,
+    k_bnhk: jax.Array,
+    v_bnhv: jax.Array,
+    state: MemoryState,
+    gate_logit_h: jax.Array,
+    *,
+    rule: str,
+    rope_base: Optional[float] = None,
+) -> tuple[jax.Array, MemoryState]:
+    """One segment of Infini-attention: local causal attention, memory read, gate, then memory write.
+
+    rope_base: when given, RoPE (positions 0..N-1 within the segment) rotates q/k of the local path only;
+    the memory path always sees the unrotated q/k, as in the paper.
+    Returns (out [B, N, H, d_value] in q's dtype, new MemoryState).
+    """
+    _check_rule(rule)
+    _check_qkv(q_bnhk, k_bnhk, v_bnhv)
+    b, _, h, d_key = q_bnhk.shape
+    _check_state(state, b, h, d_key, v_bnhv.shape[-1])
+    _check_gate(gate_logit_h, h)
+    a_dot_bnhv = local_attention(q_bnhk, k_bnhk, v_bnhv, rope_base=rope_base)
+    a_mem_bnhv = _read(state.M, state.z, sigma(q_bnhk))
+    out_bnhv = _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, is_empty(state))
+    return out_bnhv.astype(q_bnhk.dtype), update(state, k_bnhk, v_bnhv, rule)
+
+
+def _to_segments(x_blhd: jax.Array, n_seg: int) -> jax.Array:
+    """[B, S*N, H, D] -> [B, S, N, H, D]."""
+    b, l, h, d = x_blhd.shape
+    return x_blhd.reshape(b, n_seg, l // n_seg, h, d)
+
+
+def infini_attention_sequence(
+    q_blhk: jax.Array,
+    k_blhk: jax.Array,
+    v_blhv: jax.Array,
+    gate_logit_h: jax.Array,
+    *,
+    segment_len: int,
+    rule: str,
+    state: Optional[MemoryState] = None,
+    mode: str = "scan",
+    rope_base: Optional[float] = None,
+) -> tuple[jax.Array, MemoryState]:
+    """Infini-attention over L = S × segment_len tokens, carrying the memory from `state` (default empty).
+
+    mode="scan": `jax.lax.scan` over segments with `jax.checkpoint` on the body, so activation memory is
+        bounded by one segment (plus the carried state per segment for the backward pass).
+    mode="parallel": no sequential loop. Linear rule: memories are exclusive prefix sums over segments.
+        Delta rule: the update is the affine map M ↦ A_s M + B_s with A_s = I − σ(K_s)ᵀ D_s σ(K_s),
+        D_s = diag(1 / σ(K_s) z_{s-1}) (z does not depend on M, so D_s is known up front) and
+        B_s = σ(K_s)ᵀ V_s; the prefix compositions come from `jax.lax.associative_scan`.
+    The two modes agree to float32 round-off.
+    """
+    _check_rule(rule)
+    _check_mode(mode)
+    _check_qkv(q_blhk, k_blhk, v_blhv)
+    b, l, h, d_key = q_blhk.shape
+    d_value = v_blhv.shape[-1]
+    n_seg = _check_segments(l, segment_len)
+    _check_gate(gate_logit_h, h)
+    if state is None:
+        state = init_memory(b, h, d_key, d_value)
+    _check_state(state, b, h, d_key, d_value)
+    state = MemoryState(state.M.astype(jnp.float32), state.z.astype(jnp.float32))
+    if mode == "scan":
+        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base)
+    return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base)
+
+
+def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base):
+    b, l, h, _ = q_blhk.shape
+    # [B, S, N, H, D] -> [S, B, N, H, D]: scan runs over the leading axis.
+    xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blhk, v_blhv))
+
+    @jax.checkpoint
+    def body(carry: MemoryState, seg):
+        q_bnhk, k_bnhk, v_bnhv = seg
+        out_bnhv, new = infini_attention(
+            q_bnhk, k_bnhk, v_bnhv, carry, gate_logit_h, rule=rule, rope_base=rope_base
+        )
+        return new, out_bnhv
+
+    final, out_sbnhv = jax.lax.scan(body, state, xs)
+    return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
+
+
+def _exclusive_cumsum(x_bs, axis: int = 1):
+    """Sum of the elements strictly before each position along `axis` (segment s sees segments < s)."""
+    inclusive = jnp.cumsum(x_bs, axis=axis)
+    return inclusive - x_bs, inclusive
+
+
+def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base):
+    b, l, h, d_key = q_blhk.shape
+    q_bsnhk, k_bsnhk, v_bsnhv = (_to_segments(x, n_seg) for x in (q_blhk, k_blhk, v_blhv))
+    n = q_bsnhk.shape[2]
+    sq_bsnhk, sk_bsnhk = sigma(q_bsnhk), sigma(k_bsnhk)
+    v32_bsnhv = v_bsnhv.astype(jnp.float32)
+
+    # z_{s-1}: exclusive prefix of Σ_t σ(K_t); [B, S, N, H, K] -> [B, S, H, K]
+    dz_bshk = jnp.sum(sk_bsnhk, axis=2)
+    zx_bshk, zi_bshk = _exclusive_cumsum(dz_bshk)
+    z_prev_bshk = state.z[:, None] + zx_bshk
+    # σ(K_s) σ(K_s)ᵀ-free part of the write: B_s = σ(K_s)ᵀ V_s; [B,S,N,H,K] x [B,S,N,H,V] -> [B,S,H,K,V]
+    write_bshkv = jnp.einsum("bsnhk,bsnhv->bshkv", sk_bsnhk, v32_bsnhv)
+
+    if rule == "linear":
+        mx_bshkv, mi_bshkv = _exclusive_cumsum(write_bshkv)
+        m_prev_bshkv = state.M[:, None] + mx_bshkv
+        m_final_bhkv = state.M + mi_bshkv[:, -1]
+    else:
+        # D_s: 1 / max(σ(K_t) z_{s-1}, eps) per token; [B,S,N,H,K] x [B,S,H,K] -> [B,S,N,H]
+        den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sk_bsnhk, z_prev_bshk)
+        empty_bsh = jnp.all(z_prev_bshk == 0, axis=-1)
+        inv_bsnh = jnp.where(empty_bsh[:, :, None], 0.0, 1.0 / jnp.maximum(den_bsnh, DENOM_EPS))
+        # A_s = I − Σ_t σ(K_t) σ(K_t)ᵀ / den_t; [B,S,N,H,K] x [B,S,N,H] x [B,S,N,H,J] -> [B,S,H,K,J]
+        eye_kj = jnp.eye(d_key, dtype=jnp.float32)
+        a_bshkj = eye_kj - jnp.einsum("bsnhk,bsnh,bsnhj->bshkj", sk_bsnhk, inv_bsnh, sk_bsnhk)
+
+        def compose(earlier, later):
+            a1, b1 = earlier
+            a2, b2 = later
+            # (A2, B2) ∘ (A1, B1) = (A2 A1, A2 B1 + B2); [.., K, J] x [.., J, X] -> [.., K, X]
+            return a2 @ a1, a2 @ b1 + b2
+
+        pa_bshkj, pb_bshkv = jax.lax.associative_scan(compose, (a_bshkj, write_bshkv), axis=1)
+        # M_s = P_A(s) M_0 + P_B(s); [B,S,H,K,J] x [B,H,J,V] -> [B,S,H,K,V]
+        mi_bshkv = jnp.einsum("bshkj,bhjv->bshkv", pa_bshkj, state.M) + pb_bshkv
+        m_prev_bshkv = jnp.concatenate([state.M[:, None], mi_bshkv[:, :-1]], axis=1)
+        m_final_bhkv = mi_bshkv[:, -1]
+
+    # Memory read of every segment at once: [B,S,N,H,K] x [B,S,H,K,V] -> [B,S,N,H,V]
+    num_bsnhv = jnp.einsum("bsnhk,bshkv->bsnhv", sq_bsnhk, m_prev_bshkv)
+    den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sq_bsnhk, z_prev_bshk)
+    a_mem_bsnhv = num_bsnhv / jnp.maximum(den_bsnh, DENOM_EPS)[..., None]
+
+    # Local attention of every segment at once: fold segments into the batch.
+    fold = lambda x: x.reshape(b * n_seg, n, h, x.shape[-1])  # noqa: E731
+    a_dot = local_attention(fold(q_bsnhk), fold(k_bsnhk), fold(v_bsnhv), rope_base=rope_base)
+    empty = jnp.all(z_prev_bshk == 0, axis=-1).reshape(b * n_seg, h)
+    out = _gate(fold(a_mem_bsnhv), a_dot, gate_logit_h, empty)
+    out_blhv = out.reshape(b, l, h, -1).astype(q_blhk.dtype)
+    return out_blhv, MemoryState(m_final_bhkv, state.z + zi_bshk[:, -1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's baselines, in the same code: segment-local, Transformer-XL, full causal attention.
+# ----------------------------------------------------------------------------------------------------
+
+
+def local_attention_sequence(q_blhk, k_blhk, v_blhv, *, segment_len: int, rope_base=None) -> jax.Array:
+    """Segment-local causal attention only (no memory). [B, L, H, d_value] in q's dtype."""
+    _check_qkv(q_blhk, k_blhk, v_blhv)
+    b, l, h, _ = q_blhk.shape
+    n_seg = _check_segments(l, segment_len)
+    fold = lambda x: x.reshape(b * n_seg, segment_len, h, x.shape[-1])  # noqa: E731
+    out = local_attention(fold(q_blhk), fold(k_blhk), fold(v_blhv), rope_base=rope_base)
+    return out.reshape(b, l, h, -1).astype(q_blhk.dtype)
+
+
+def full_attention(q_blhk, k_blhk, v_blhv, *, rope_base=None) -> jax.Array:
+    """Ordinary causal attention over the whole input (O(L²) memory). [B, L, H, d_value] in q's dtype."""
+    _check_qkv(q_blhk, k_blhk, v_blhv)
+    return local_attention(q_blhk, k_blhk, v_blhv, rope_base=rope_base).astype(q_blhk.dtype)
+
+
+def init_xl_cache(batch: int, segment_len: int, num_heads: int, d_key: int, d_value: int, dtype=jnp.float32):
+    return XLCache(
+        k=jnp.zeros((batch, segment_len, num_heads, d_key), dtype),
+        v=jnp.zeros((batch, segment_len, num_heads, d_value), dtype),
+        valid=jnp.zeros((batch,), bool),
+    )
+
+
+def xl_attention_sequence(
+    q_blhk, k_blhk, v_blhv, *, segment_len: int, cache: Optional[XLCache] = None, rope_base=None
+) -> tuple[jax.Array, XLCache]:
+    """Transformer-XL: each segment attends causally to itself and to the previous segment's keys/values
+    (cache length = segment_len, no gradient through the cache, as in Dai et al. 2019).
+
+    With RoPE the cached keys sit at positions 0..N-1 and the current segment at N..2N-1, so relative
+    distances are right across the segment boundary.
+    """
+    _check_qkv(q_blhk, k_blhk, v_blhv)
+    b, l, h, d_key = q_blhk.shape
+    n_seg = _check_segments(l, segment_len)
+    n = segment_len
+    if cache is None:
+        cache = init_xl_cache(b, n, h, d_key, v_blhv.shape[-1], k_blhk.dtype)
+    if cache.k.shape != (b, n, h, d_key) or cache.v.shape != (b, n, h, v_blhv.shape[-1]):
+        raise ValueError(
+            f"XL cache shape mismatch: expected k {(b, n, h, d_key)}, got {cache.k.shape}; "
+            "build it with init_xl_cache(batch, segment_len, heads, d_key, d_value)"
+        )
+    xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blhk, v_blhv))
+    # keys: [previous segment | current segment]; previous only where valid, current causal
+    causal_nn = jnp.tril(jnp.ones((n, n), bool))
+
+    @jax.checkpoint
+    def body(c: XLCache, seg):
+        q_bnhk, k_bnhk, v_bnhv = seg
+        k_prev, v_prev = jax.lax.stop_gradient(c.k), jax.lax.stop_gradient(c.v)
+        k_b2nhk = jnp.concatenate([k_prev.astype(k_bnhk.dtype), k_bnhk], axis=1)
+        v_b2nhv = jnp.concatenate([v_prev.astype(v_bnhv.dtype), v_bnhv], axis=1)
+        if rope_base is not None:
+            q_bnhk = apply_rope(q_bnhk, jnp.arange(n, 2 * n), rope_base)
+            k_b2nhk = apply_rope(k_b2nhk, jnp.arange(2 * n), rope_base)
+        prev_bnn = jnp.broadcast_to(c.valid[:, None, None], (b, n, n))
+        mask_bn2n = jnp.concatenate([prev_bnn, jnp.broadcast_to(causal_nn, (b, n, n))], axis=-1)
+        out_bnhv = _softmax_attention(q_bnhk, k_b2nhk, v_b2nhv, mask_bn2n)
+        new = XLCache(k_bnhk.astype(c.k.dtype), v_bnhv.astype(c.v.dtype), jnp.ones_like(c.valid))
+        return new, out_bnhv.astype(q_bnhk.dtype)
+
+    final, out_sbnhv = jax.lax.scan(body, cache, xs)
+    return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
+
+
+def reset_xl_cache(cache: XLCache, reset_b: jax.Array) -> XLCache:
+    """Invalidates the cache of the batch rows where reset_b [B] is True."""
+    return cache._replace(valid=cache.valid & ~reset_b.astype(bool))
