@@ -1,0 +1,233 @@
+"""Passkey retrieval (Infini-attention paper, section 4.2; the Landmark-attention prompt).
+
+Prompt text (units joined by single spaces)::
+
+    INTRO FILLER FILLER ... KEY_LINE FILLER ... FILLER QUESTION
+
+with INTRO, FILLER, KEY_LINE, QUESTION below, ``n_filler`` filler repetitions, and the key line inserted after
+``round(depth * n_filler)`` fillers (depth 0 = right after the intro, 1 = right before the question).
+The target is ANSWER = " <passkey>" (a leading space then the digits).
+
+Token semantics (exact): every unit is encoded once and the pieces are concatenated, so the prompt of
+``n_filler`` fillers has ``fixed + n_filler * len(filler_ids)`` tokens and a 1M-token prompt is cheap to stream.
+For bytes this is exactly ``encode(prompt_text)``; for SentencePiece, whose dummy prefix supplies the space
+before every unit, it equals encoding the joined text up to SentencePiece's whitespace handling.
+``length`` means the total of [bos] + prompt + answer tokens; the builder uses the largest ``n_filler`` whose
+total is <= length, so the total is in (length - len(filler_ids), length].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_TEMPLATE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+def random_passkey(rng: np.random.Generator, n_digits: int = 5) -> str:
+    """A random n-digit passkey without a leading zero."""
+    first = str(int(rng.integers(1, 10)))
+    return first + "".join(str(int(d)) for d in rng.integers(0, 10, size=n_digits - 1))
+
+
+def insert_index(n_filler: int, depth: float) -> int:
+    """How many fillers precede the key line."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"passkey depth must be in [0, 1], got {depth}")
+    return int(min(n_filler, max(0, round(depth * n_filler))))
+
+
+def passkey_text(n_filler: int, depth: float, passkey: str) -> tuple[str, str]:
+    """(prompt_text, answer_text) as plain strings (for display and for checking the exact wording)."""
+    k = insert_index(n_filler, depth)
+    units = [INTRO] + [FILLER] * k + [KEY_TEMPLATE.format(key=passkey)] + [FILLER] * (n_filler - k) + [QUESTION]
+    return " ".join(units), " " + passkey
+
+
+def _unit_ids(tokenizer, text: str, first: bool) -> np.ndarray:
+    if not first and not getattr(tokenizer, "space_prefix", False):
+        text = " " + text
+    return np.asarray(tokenizer.encode(text), dtype=np.int32)
+
+
+@dataclasses.dataclass
+class _Layout:
+    bos_N: np.ndarray
+    intro_N: np.ndarray
+    filler_N: np.ndarray
+    key_N: np.ndarray
+    question_N: np.ndarray
+    answer_N: np.ndarray
+
+    @classmethod
+    def make(cls, tokenizer, passkey: str, add_bos: bool) -> "_Layout":
+        return cls(
+            bos_N=np.asarray([tokenizer.bos_id] if add_bos else [], dtype=np.int32),
+            intro_N=_unit_ids(tokenizer, INTRO, True),
+            filler_N=_unit_ids(tokenizer, FILLER, False),
+            key_N=_unit_ids(tokenizer, KEY_TEMPLATE.format(key=passkey), False),
+            question_N=_unit_ids(tokenizer, QUESTION, False),
+            answer_N=_unit_ids(tokenizer, passkey, False),
+        )
+
+    @property
+    def fixed_len(self) -> int:
+        return sum(len(a) for a in (self.bos_N, self.intro_N, self.key_N, self.question_N, self.answer_N))
+
+    def n_filler_for(self, length: int) -> int:
+        if length < self.fixed_len:
+            raise ValueError(f"passkey length {length} is shorter than the prompt without filler ({self.fixed_len})")
+        return (length - self.fixed_len) // len(self.filler_N)
+
+
+class PasskeyStream:
+    """A passkey prompt of ~``length`` tokens, produced chunk by chunk (bounded memory, any length).
+
+    Attributes known before streaming: ``total_len`` (tokens yielded, including the answer when
+    include_answer), ``prompt_len`` (= answer_start), ``answer_ids``, ``key_start`` (index of the key line's
+    first token), ``n_filler``, ``passkey``. Iterating yields int32 arrays of at most ``chunk_tokens`` tokens.
+    For teacher-forced token accuracy, the model's predictions at positions answer_start-1 ...
+    answer_start+len(answer_ids)-2 must equal answer_ids.
+    """
+
+    def __init__(self, tokenizer, length: int, depth: float = 0.5, *, passkey: str | None = None, seed: int = 0,
+                 n_digits: int = 5, chunk_tokens: int = 65536, add_bos: bool = True, include_answer: bool = True):
+        if passkey is None:
+            passkey = random_passkey(np.random.default_rng(seed), n_digits)
+        self.passkey = passkey
+        self.chunk_tokens = int(chunk_tokens)
+        self.include_answer = include_answer
+        self._lay = _Layout.make(tokenizer, passkey, add_bos)
+        self.n_filler = self._lay.n_filler_for(length)
+        self.n_before = insert_index(self.n_filler, depth)
+        lay = self._lay
+        self.key_start = len(lay.bos_N) + len(lay.intro_N) + self.n_before * len(lay.filler_N)
+        self.prompt_len = lay.fixed_len - len(lay.answer_N) + self.n_filler * len(lay.filler_N)
+        self.answer_start = self.prompt_len
+        self.answer_ids = lay.answer_N.copy()
+        self.total_len = self.prompt_len + (len(lay.answer_N) if include_answer else 0)
+
+    def _units(self) -> Iterator[np.ndarray]:
+        lay = self._lay
+        yield lay.bos_N
+        yield lay.intro_N
+        for _ in range(self.n_before):
+            yield lay.filler_N
+        yield lay.key_N
+        for _ in range(self.n_filler - self.n_before):
+            yield lay.filler_N
+        yield lay.question_N
+        if self.include_answer:
+            yield lay.answer_N
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        buf_C = np.empty(self.chunk_tokens, dtype=np.int32)
+        fill = 0
+        for unit_N in self._units():
+            pos = 0
+            while pos < len(unit_N):
+                take = min(len(unit_N) - pos, self.chunk_tokens - fill)
+                buf_C[fill:fill + take] = unit_N[pos:pos + take]
+                fill += take
+                pos += take
+                if fill == self.chunk_tokens:
+                    yield buf_C.copy()
+                    fill = 0
+        if fill:
+            yield buf_C[:fill].copy()
+
+
+@dataclasses.dataclass
+class PasskeyExample:
+    tokens: np.ndarray      # int32 [total_len]: [bos] + prompt + answer
+    prompt_len: int         # = answer_start
+    answer_ids: np.ndarray  # int32 [A]
+    key_start: int          # token index of the key line
+    n_filler: int
+    passkey: str
+
+    @property
+    def answer_start(self) -> int:
+        return self.prompt_len
+
+
+def make_passkey_example(tokenizer, length: int, depth: float = 0.5, *, seed: int = 0, passkey: str | None = None,
+                         n_digits: int = 5, add_bos: bool = True) -> PasskeyExample:
+    """One whole example (prompt + answer) with total tokens in (length - len(filler), length]."""
+    stream = PasskeyStream(tokenizer, length, depth, passkey=passkey, seed=seed, n_digits=n_digits,
+                           chunk_tokens=max(1, length), add_bos=add_bos, include_answer=True)
+    tokens_T = np.concatenate(list(stream)) if stream.total_len else np.zeros(0, np.int32)
+    return PasskeyExample(tokens_T, stream.prompt_len, stream.answer_ids, stream.key_start, stream.n_filler,
+                          stream.passkey)
+
+
+class PasskeyIterator:
+    """Batches of passkey examples in the contract's format, answers ending at the window end.
+
+    Each row is one example of total length drawn uniformly from [min_len, seq_len + 1] (seq_len + 1 tokens
+    give seq_len inputs and seq_len shifted targets), left-padded with pad_id to seq_len + 1. loss_mask is 1
+    on the answer targets only (or on every non-pad target when loss_on_all). reset is True on every row.
+    Examples are a pure function of (seed, process_index, batch number), so get_state() is just the counter.
+    With num_batches set the iterator is finite (evaluation), otherwise infinite.
+    """
+
+    def __init__(self, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, process_index: int = 0,
+                 n_digits: int = 5, min_len: int | None = None, depth_min: float = 0.0, depth_max: float = 1.0,
+                 loss_on_all: bool = False, num_batches: int | None = None):
+        self.tok = tokenizer
+        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+        self.seed, self.process_index = int(seed), int(process_index)
+        self.n_digits, self.loss_on_all = int(n_digits), bool(loss_on_all)
+        self.max_len = self.seq_len + 1
+        self.min_len = self.max_len if min_len is None else int(min(min_len, self.max_len))
+        self.depth_min, self.depth_max = float(depth_min), float(depth_max)
+        self.num_batches = num_batches
+        self.step = 0
+        shortest = _Layout.make(tokenizer, "9" * self.n_digits, True).fixed_len
+        if self.min_len < shortest:
+            raise ValueError(f"passkey min_len/seq_len too small: {self.min_len} < {shortest} tokens "
+                             "(the prompt without filler); raise seq_len or passkey_min_len")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.num_batches is not None and self.step >= self.num_batches:
+            raise StopIteration
+        rng = np.random.default_rng([self.seed, self.process_index, self.step])
+        B, L = self.batch_size, self.seq_len
+        seq_BL1 = np.full((B, L + 1), self.tok.pad_id, dtype=np.int32)
+        score_BL1 = np.zeros((B, L + 1), dtype=np.float32)  # weight of each position *as a target*
+        for b in range(B):
+            length = int(rng.integers(self.min_len, self.max_len + 1))
+            depth = float(rng.uniform(self.depth_min, self.depth_max))
+            ex = make_passkey_example(self.tok, length, depth, passkey=random_passkey(rng, self.n_digits))
+            off = L + 1 - len(ex.tokens)
+            seq_BL1[b, off:] = ex.tokens
+            if self.loss_on_all:
+                score_BL1[b, off + 1:] = 1.0
+            else:
+                score_BL1[b, off + ex.answer_start:] = 1.0
+        self.step += 1
+        return {
+            "tokens": np.ascontiguousarray(seq_BL1[:, :-1]),
+            "targets": np.ascontiguousarray(seq_BL1[:, 1:]),
+            "loss_mask": np.ascontiguousarray(score_BL1[:, 1:]),
+            "reset": np.ones((B,), dtype=bool),
+        }
+
+    def get_state(self) -> dict:
+        return {"kind": "passkey", "step": self.step, "seed": self.seed, "process_index": self.process_index}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("kind") != "passkey":
+            raise ValueError(f"not a passkey iterator state: {state}")
+        self.step = int(state["step"])

@@ -1,0 +1,263 @@
+"""The Infini-Transformer decoder-only LM (Flax NNX). Modules hold parameters; the math is in attention.py.
+
+    tokens [B, L] → embed → num_layers × (RMSNorm → attention → +, RMSNorm → MLP → +) → RMSNorm → logits
+
+`attention` selects the paper's model or one of its baselines, in the same code:
+    "infini"  compressive memory per layer (attention.infini_attention_sequence)
+    "xl"      Transformer-XL: attends to the cached keys/values of the previous segment
+    "local"   segment-local causal attention only
+    "full"    ordinary causal attention over the whole call (no state carried between calls)
+
+Streaming: `state = model.init_state(B)`; `logits, state = model(tokens, state, reset)` with tokens of
+shape [B, n × segment_len]. One call over a sequence and several calls with the carried state give the
+same logits. `reset` [B] bool clears that row's memory first (start of a new document).
+
+Every parameter carries `axes` metadata: one logical axis name per dimension (infini_jax/sharding.py maps
+them to mesh axes). Grouped-query attention (num_kv_heads < num_heads) repeats K/V per query head before
+the attention math, so each query head owns its memory and gate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infini_jax import attention as attn
+
+ATTENTIONS = ("infini", "xl", "local", "full")
+MLPS = ("gated", "plain")
+ACTIVATIONS = ("silu", "gelu")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 259
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None  # None: = num_heads (multi-head); 1: multi-query
+    head_dim: int = 32  # d_key = d_value
+    d_ff: int = 512
+    segment_len: int = 64
+    n_segments: int = 4  # segments per training input; seq_len = n_segments * segment_len
+    attention: str = "infini"
+    rule: str = "linear"
+    mode: str = "scan"
+    mlp: str = "gated"
+    activation: str = "silu"
+    tie_embeddings: bool = True
+    embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
+    rope_base: Optional[float] = 10000.0  # None: no RoPE
+    gate_init: float = 0.0  # initial β: sigmoid(0) = 0.5
+    norm_eps: float = 1e-6
+    dtype: str = "float32"  # activation / compute dtype
+    param_dtype: str = "float32"
+    remat: bool = True  # jax.checkpoint around each block
+    init_std: float = 0.02
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_segments * self.segment_len
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    def __post_init__(self):
+        checks = [
+            (self.attention in ATTENTIONS, f"unknown attention {self.attention!r}: use one of {ATTENTIONS}"),
+            (self.rule in attn.RULES, f"unknown memory update rule {self.rule!r}: use one of {attn.RULES}"),
+            (self.mode in attn.MODES, f"unknown mode {self.mode!r}: use one of {attn.MODES}"),
+            (self.mlp in MLPS, f"unknown mlp {self.mlp!r}: use one of {MLPS}"),
+            (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}: use one of {ACTIVATIONS}"),
+            (self.dtype in DTYPES, f"unknown dtype {self.dtype!r}: use one of {DTYPES}"),
+            (self.param_dtype in DTYPES, f"unknown param_dtype {self.param_dtype!r}: use one of {DTYPES}"),
+        ]
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "d_ff",
+                     "segment_len", "n_segments"):
+            checks.append((int(getattr(self, name)) > 0, f"model.{name} must be positive, got {getattr(self, name)}"))
+        checks.append((self.num_heads % self.kv_heads == 0,
+                       f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.kv_heads}"))
+        checks.append((self.rope_base is None or self.head_dim % 2 == 0,
+                       f"RoPE needs an even head_dim, got {self.head_dim}"))
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ModelConfig":
+        """From a dict or ConfigDict; unknown keys are an error that lists the valid ones."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std, dtype) -> nnx.Param:
+    init = jax.nn.initializers.normal(std) if std else jax.nn.initializers.ones
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), ("embed",), None, param_dtype)
+        self.eps = eps
+
+    def __call__(self, x_bld):
+        x = x_bld.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(x_bld.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kvh, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        pdt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.cfg = cfg
+        self.wq_dhk = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), std, pdt)
+        self.wk_dgk = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std, pdt)
+        self.wv_dgk = _param(rngs, (d, kvh, hd), ("embed", "kv_heads", "head_dim"), std, pdt)
+        self.wo_hkd = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"),
+                             std / (2 * cfg.num_layers) ** 0.5, pdt)
+        if cfg.attention == "infini":
+            self.gate_logit = nnx.Param(jnp.full((h,), cfg.gate_init, jnp.float32), axes=("heads",))
+
+    def __call__(self, x_bld, state, reset_b):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        x = x_bld.astype(dt)
+        q_blhk = jnp.einsum("bld,dhk->blhk", x, self.wq_dhk[...].astype(dt))  # [B,L,D] x [D,H,K]
+        k_blgk = jnp.einsum("bld,dgk->blgk", x, self.wk_dgk[...].astype(dt))  # [B,L,D] x [D,G,K]
+        v_blgk = jnp.einsum("bld,dgk->blgk", x, self.wv_dgk[...].astype(dt))
+        rep = cfg.num_heads // cfg.kv_heads
+        k_blhk, v_blhk = (jnp.repeat(t, rep, axis=2) if rep > 1 else t for t in (k_blgk, v_blgk))
+        if cfg.attention == "infini":
+            state = attn.reset_memory(state, reset_b)
+            out_blhk, state = attn.infini_attention_sequence(
+                q_blhk, k_blhk, v_blhk, self.gate_logit[...], segment_len=cfg.segment_len,
+                rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope_base)
+        elif cfg.attention == "xl":
+            state = attn.reset_xl_cache(state, reset_b)
+            out_blhk, state = attn.xl_attention_sequence(
+                q_blhk, k_blhk, v_blhk, segment_len=cfg.segment_len, cache=state, rope_base=cfg.rope_base)
+        elif cfg.attention == "local":
+            out_blhk = attn.local_attention_sequence(
+                q_blhk, k_blhk, v_blhk, segment_len=cfg.segment_len, rope_base=cfg.rope_base)
+        else:
+            out_blhk = attn.full_attention(q_blhk, k_blhk, v_blhk, rope_base=cfg.rope_base)
+        y_bld = jnp.einsum("blhk,hkd->bld", out_blhk.astype(dt), self.wo_hkd[...].astype(dt))  # [B,L,H,K] x [H,K,D]
+        return y_bld, state
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, pdt, std = cfg.d_model, cfg.d_ff, jnp.dtype(cfg.param_dtype), cfg.init_std
+        self.cfg = cfg
+        if cfg.mlp == "gated":
+            self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), std, pdt)
+        self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), std, pdt)
+        self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), std / (2 * cfg.num_layers) ** 0.5, pdt)
+
+    def __call__(self, x_bld):
+        dt = jnp.dtype(self.cfg.dtype)
+        act = jax.nn.silu if self.cfg.activation == "silu" else jax.nn.gelu
+        x = x_bld.astype(dt)
+        h_blf = x @ self.w_up_df[...].astype(dt)  # [B,L,D] x [D,F] -> [B,L,F]
+        if self.cfg.mlp == "gated":
+            h_blf = act(x @ self.w_gate_df[...].astype(dt)) * h_blf
+        else:
+            h_blf = act(h_blf)
+        return h_blf @ self.w_down_fd[...].astype(dt)  # [B,L,F] x [F,D] -> [B,L,D]
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_bld, state, reset_b):
+        y_bld, state = self.attn(self.attn_norm(x_bld), state, reset_b)
+        x_bld = x_bld + y_bld
+        x_bld = x_bld + self.mlp(self.mlp_norm(x_bld))
+        return x_bld, state
+
+
+def _block_forward(block: Block, x_bld, state, reset_b):
+    return block(x_bld, state, reset_b)
+
+
+class InfiniTransformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed_vd = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.unembed_dv = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
+
+    def init_state(self, batch: int) -> tuple:
+        """The per-layer recurrent state for `batch` rows: one MemoryState (infini) or XLCache (xl) per
+        layer; () per layer for "local" and "full", which carry nothing between calls."""
+        cfg = self.cfg
+        if cfg.attention == "infini":
+            make = lambda: attn.init_memory(batch, cfg.num_heads, cfg.head_dim, cfg.head_dim)  # noqa: E731
+        elif cfg.attention == "xl":
+            make = lambda: attn.init_xl_cache(  # noqa: E731
+                batch, cfg.segment_len, cfg.num_heads, cfg.head_dim, cfg.head_dim, jnp.dtype(cfg.dtype))
+        else:
+            make = lambda: ()  # noqa: E731
+        return tuple(make() for _ in range(cfg.num_layers))
+
+    def __call__(self, tokens_bl, state: Optional[tuple] = None, reset_b=None):
+        """tokens [B, L] int → (logits [B, L, vocab] float32, new per-layer state)."""
+        cfg = self.cfg
+        if jnp.ndim(tokens_bl) != 2:
+            raise ValueError(f"tokens must have shape [batch, length], got {jnp.shape(tokens_bl)}")
+        b, l = tokens_bl.shape
+        if cfg.attention != "full" and l % cfg.segment_len:
+            raise ValueError(
+                f"input length {l} is not a multiple of segment_len {cfg.segment_len}: "
+                "feed whole segments (pad the last one and mask its loss)")
+        if state is None:
+            state = self.init_state(b)
+        if len(state) != cfg.num_layers:
+            raise ValueError(f"state has {len(state)} layers, the model has {cfg.num_layers}: "
+                             "build it with model.init_state(batch)")
+        reset_b = jnp.zeros((b,), bool) if reset_b is None else jnp.asarray(reset_b, bool)
+        if reset_b.shape != (b,):
+            raise ValueError(f"reset must have shape [batch] = ({b},), got {reset_b.shape}")
+        dt = jnp.dtype(cfg.dtype)
+        x_bld = jnp.take(self.embed_vd[...], tokens_bl, axis=0).astype(dt)
+        if cfg.embed_scale:
+            x_bld = x_bld * jnp.asarray(cfg.d_model ** 0.5, dt)
+        forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
+        new_state = []
+        for block, layer_state in zip(self.blocks, state):
+            x_bld, layer_state = forward(block, x_bld, layer_state, reset_b)
+            new_state.append(layer_state)
+        x_bld = self.final_norm(x_bld)
+        unembed_dv = self.embed_vd[...].T if cfg.tie_embeddings else self.unembed_dv[...]
+        # [B, L, D] x [D, V] -> [B, L, V], accumulated in float32
+        logits_blv = jnp.einsum("bld,dv->blv", x_bld, unembed_dv.astype(dt), preferred_element_type=jnp.float32)
+        return logits_blv, tuple(new_state)
+
+
+def gate_values(model: InfiniTransformer) -> jax.Array:
+    """sigmoid(β) of every head of every layer, [num_layers, num_heads] (the paper's Figure 3)."""
+    if model.cfg.attention != "infini":
+        raise ValueError(f"gates exist only for attention='infini', not {model.cfg.attention!r}")
+    return jnp.stack([jax.nn.sigmoid(b.attn.gate_logit[...]) for b in model.blocks])
+
+
+def count_params(tree) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
