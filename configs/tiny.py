@@ -1,0 +1,38 @@
+"""The embedded default: a tiny Infini-Transformer learning the paper's passkey task on a 2-core CPU.
+
+Data is generated (no download): the paper's passkey prompt with its filler, byte-level tokens.
+    python train.py --config configs/tiny.py --workdir /tmp/tiny
+    python train.py --config configs/tiny.py:rule=delta,attention=xl --config.train.steps=50 ...
+"""
+
+import ml_collections
+
+from infini_jax.config import parse_arg
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, dict(rule=("linear", "delta"), attention=("infini", "xl", "local", "full"),
+                              mode=("scan", "parallel")))
+    config = ml_collections.ConfigDict()
+
+    config.model = dict(
+        vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=None, head_dim=16, d_ff=256,
+        segment_len=64, n_segments=4, attention=arg.attention, rule=arg.rule, mode=arg.mode,
+        mlp="gated", activation="silu", tie_embeddings=True, embed_scale=False, rope_base=10000.0,
+        gate_init=0.0, norm_eps=1e-6, dtype="float32", param_dtype="float32", remat=False, init_std=0.02,
+    )
+    config.data = dict(
+        name="passkey", tokenizer="byte", data_dir="", seed=0,
+        passkey=dict(digits=5, depth_min=0.0, depth_max=1.0, loss_on="all"),
+    )
+    config.train = dict(
+        steps=300, batch_size=8, seed=0, log_every=20, eval_every=100, eval_batches=4,
+        ckpt_every=100, keep_checkpoints=2,
+    )
+    config.optim = dict(
+        name="adamw", lr=3e-3, gate_lr=1e-2, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1,
+        weight_decay=0.1, clip_norm=1.0, grad_accum=1, b1=0.9, b2=0.95,
+    )
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    config.lock()
+    return config

@@ -1,0 +1,101 @@
+"""Data pipelines for infini-jax: tokenizers, passkey, documents, long-document windows, BookSum.
+
+Every iterator yields per-host numpy batches in the contract format
+{"tokens": int32 [B, L], "targets": int32 [B, L], "loss_mask": float32 [B, L], "reset": bool [B]}
+with B = batch_size // process_count, and has get_state() -> JSON-able dict / set_state(dict).
+
+``make_iterator(data_cfg, *, seq_len, batch_size, split, process_index=0, process_count=1, train=True)``
+reads these fields of ``config.data`` (missing fields take the default shown):
+
+common     name (required: 'passkey' | 'text' | 'pg19' | 'booksum'), tokenizer='byte' ('byte' or a
+           SentencePiece .model path), seed=0 (train: document shuffling / passkey sampling),
+           num_batches=None (eval only: yield exactly this many batches, padding after the data runs out;
+           set it for multi-host eval so every host takes the same number of steps)
+passkey    passkey_digits=5, passkey_min_len=None (total example length drawn from [min_len, seq_len+1];
+           None = always seq_len+1), passkey_depth_min=0.0, passkey_depth_max=1.0,
+           passkey_loss_on_all=False (True: loss on every non-pad token, not only the answer),
+           eval_batches=4 (eval: number of batches when num_batches is unset; eval seed = seed + 1_000_003).
+           No data_dir.
+text       data_dir (required: folder with train/validation/test subfolders or flat; .txt/.tex/.md/.jsonl),
+           text_field='text' (JSONL), extensions=('.txt', '.tex', '.md', '.jsonl')
+pg19       data_dir (required: tensorflow-datasets data_dir holding the 'pg19' ArrayRecord build;
+           build with `python -m infini_jax.data.documents build-pg19 --source DIR --data_dir OUT`)
+booksum    data_dir (required: a .jsonl file, or folder of them as for 'text'), document_field='document',
+           summary_field='summary', separator='\\n\\nSummary:\\n', max_document_tokens=None
+"""
+
+from __future__ import annotations
+
+from infini_jax.data.booksum import BookSumSource, booksum_example, booksum_prompt, rouge_scores
+from infini_jax.data.documents import DirectorySource, DocumentSource, PG19Source, build_pg19
+from infini_jax.data.passkey import (PasskeyExample, PasskeyIterator, PasskeyStream, make_passkey_example,
+                                     passkey_text)
+from infini_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
+from infini_jax.data.windows import WindowIterator, example_window, iter_example_windows, text_example
+
+VALID_NAMES = ("passkey", "text", "pg19", "booksum")
+
+__all__ = [
+    "BookSumSource", "ByteTokenizer", "DirectorySource", "DocumentSource", "PG19Source", "PasskeyExample",
+    "PasskeyIterator", "PasskeyStream", "SentencePieceTokenizer", "VALID_NAMES", "WindowIterator",
+    "booksum_example", "booksum_prompt", "build_pg19", "example_window", "iter_example_windows",
+    "load_tokenizer", "make_iterator", "make_passkey_example", "passkey_text", "rouge_scores", "text_example",
+]
+
+
+def _get(cfg, key, default):
+    try:
+        value = cfg.get(key, default)
+    except AttributeError:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, process_index: int = 0,
+                  process_count: int = 1, train: bool = True):
+    """The per-host batch iterator for config.data (see the module docstring for the fields read)."""
+    name = _get(data_cfg, "name", None)
+    if name not in VALID_NAMES:
+        raise ValueError(f"unknown data source config.data.name={name!r}; valid: {list(VALID_NAMES)}")
+    if batch_size % process_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
+    local_batch = batch_size // process_count
+    tokenizer = load_tokenizer(_get(data_cfg, "tokenizer", "byte"))
+    seed = int(_get(data_cfg, "seed", 0))
+    num_batches = _get(data_cfg, "num_batches", None) if not train else None
+
+    if name == "passkey":
+        if not train and num_batches is None:
+            num_batches = int(_get(data_cfg, "eval_batches", 4))
+        return PasskeyIterator(
+            tokenizer, seq_len=seq_len, batch_size=local_batch,
+            seed=seed if train else seed + 1_000_003, process_index=process_index,
+            n_digits=int(_get(data_cfg, "passkey_digits", 5)),
+            min_len=_get(data_cfg, "passkey_min_len", None),
+            depth_min=float(_get(data_cfg, "passkey_depth_min", 0.0)),
+            depth_max=float(_get(data_cfg, "passkey_depth_max", 1.0)),
+            loss_on_all=bool(_get(data_cfg, "passkey_loss_on_all", False)),
+            num_batches=num_batches)
+
+    data_dir = _get(data_cfg, "data_dir", None)
+    if name == "text":
+        source = DirectorySource(data_dir, split, text_field=_get(data_cfg, "text_field", "text"),
+                                 extensions=tuple(_get(data_cfg, "extensions", (".txt", ".tex", ".md", ".jsonl"))))
+        n_docs, example_fn = len(source), (lambda i: text_example(tokenizer, source[i][1]))
+    elif name == "pg19":
+        source = PG19Source(data_dir, split)
+        n_docs, example_fn = len(source), (lambda i: text_example(tokenizer, source[i][1]))
+    else:  # booksum
+        source = BookSumSource(data_dir, split, document_field=_get(data_cfg, "document_field", "document"),
+                               summary_field=_get(data_cfg, "summary_field", "summary"))
+        separator = _get(data_cfg, "separator", "\n\nSummary:\n")
+        max_doc = _get(data_cfg, "max_document_tokens", None)
+
+        def example_fn(i):
+            _, document, summary = source[i]
+            return booksum_example(tokenizer, document, summary, separator=separator, max_document_tokens=max_doc)
+
+        n_docs = len(source)
+    return WindowIterator(n_docs, example_fn, seq_len=seq_len, batch_size=local_batch, pad_id=tokenizer.pad_id,
+                          train=train, seed=seed, process_index=process_index, process_count=process_count,
+                          num_batches=None if num_batches is None else int(num_batches))
