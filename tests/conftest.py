@@ -1,12 +1,29 @@
-"""Shared pytest setup: 8 simulated CPU devices.
+"""Shared pytest setup: 8 simulated CPU devices, CPU backend, and the ../shared test data location.
 
 XLA_FLAGS must be set before jax is imported anywhere, so this runs at conftest import time.
-Nothing else is enabled globally (no x64, no platform override).
+JAX_PLATFORMS defaults to cpu (libtpu may be installed for ahead-of-time TPU compiles; it must not try
+to grab a TPU here). Nothing else is enabled globally (no x64).
 """
 
 import os
+from pathlib import Path
+
+import pytest
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 _existing_flags = os.environ.get("XLA_FLAGS", "")
 if _DEVICE_FLAG not in _existing_flags.split():
     os.environ["XLA_FLAGS"] = f"{_existing_flags} {_DEVICE_FLAG}".strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """../shared beside the checkout (test corpus); tests that need it skip where it is absent."""
+    if not (SHARED / "corpus").is_dir():
+        pytest.skip(f"needs the shared test corpus at {SHARED}/corpus (absent in this checkout)")
+    return SHARED
