@@ -22,8 +22,8 @@ def get_config(arg=None):
         gate_init=0.0, norm_eps=1e-6, dtype="float32", param_dtype="float32", remat=False, init_std=0.02,
     )
     config.data = dict(
-        name="passkey", tokenizer="byte", data_dir="", seed=0,
-        passkey=dict(digits=5, depth_min=0.0, depth_max=1.0, loss_on="all"),
+        name="passkey", tokenizer="byte", seed=0,
+        passkey_digits=5, passkey_depth_min=0.0, passkey_depth_max=1.0, passkey_loss_on_all=True,
     )
     config.train = dict(
         steps=300, batch_size=8, seed=0, log_every=20, eval_every=100, eval_batches=4,

@@ -14,6 +14,7 @@ common     name (required: 'passkey' | 'text' | 'pg19' | 'booksum'), tokenizer='
 passkey    passkey_digits=5, passkey_min_len=None (total example length drawn from [min_len, seq_len+1];
            None = always seq_len+1), passkey_depth_min=0.0, passkey_depth_max=1.0,
            passkey_loss_on_all=False (True: loss on every non-pad token, not only the answer),
+           passkey_intro=True (False drops the paper's intro sentence: ~150 fewer tokens for short windows),
            eval_batches=4 (eval: number of batches when num_batches is unset; eval seed = seed + 1_000_003).
            No data_dir.
 text       data_dir (required: folder with train/validation/test subfolders or flat; .txt/.tex/.md/.jsonl),
@@ -38,7 +39,7 @@ VALID_NAMES = ("passkey", "text", "pg19", "booksum")
 __all__ = [
     "BookSumSource", "ByteTokenizer", "DirectorySource", "DocumentSource", "PG19Source", "PasskeyExample",
     "PasskeyIterator", "PasskeyStream", "SentencePieceTokenizer", "VALID_NAMES", "WindowIterator",
-    "booksum_example", "booksum_prompt", "build_pg19", "example_window", "iter_example_windows",
+    "booksum_example", "booksum_prompt", "build_pg19", "check_data_config", "example_window", "iter_example_windows",
     "load_tokenizer", "make_iterator", "make_passkey_example", "passkey_text", "rouge_scores", "text_example",
 ]
 
@@ -51,12 +52,33 @@ def _get(cfg, key, default):
     return default if value is None else value
 
 
-def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, process_index: int = 0,
-                  process_count: int = 1, train: bool = True):
-    """The per-host batch iterator for config.data (see the module docstring for the fields read)."""
+_COMMON_KEYS = {"name", "tokenizer", "seed", "num_batches", "data_dir"}  # data_dir: unused by passkey
+_KEYS = {
+    "passkey": {"passkey_digits", "passkey_min_len", "passkey_depth_min", "passkey_depth_max",
+                "passkey_loss_on_all", "passkey_intro", "eval_batches"},
+    "text": {"text_field", "extensions"},
+    "pg19": set(),
+    "booksum": {"document_field", "summary_field", "separator", "max_document_tokens"},
+}
+
+
+def check_data_config(data_cfg) -> None:
+    """Unknown or misspelt config.data keys are an error (a silently ignored key trains on the wrong data)."""
     name = _get(data_cfg, "name", None)
     if name not in VALID_NAMES:
         raise ValueError(f"unknown data source config.data.name={name!r}; valid: {list(VALID_NAMES)}")
+    keys = set(data_cfg.keys()) if hasattr(data_cfg, "keys") else set(vars(data_cfg))
+    unknown = sorted(keys - _COMMON_KEYS - _KEYS[name])
+    if unknown:
+        raise ValueError(f"config.data has keys {unknown} that data source {name!r} does not read; "
+                         f"valid keys: {sorted(_COMMON_KEYS | _KEYS[name])}")
+
+
+def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, process_index: int = 0,
+                  process_count: int = 1, train: bool = True):
+    """The per-host batch iterator for config.data (see the module docstring for the fields read)."""
+    check_data_config(data_cfg)
+    name = _get(data_cfg, "name", None)
     if batch_size % process_count:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
     local_batch = batch_size // process_count
@@ -75,7 +97,7 @@ def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, proces
             depth_min=float(_get(data_cfg, "passkey_depth_min", 0.0)),
             depth_max=float(_get(data_cfg, "passkey_depth_max", 1.0)),
             loss_on_all=bool(_get(data_cfg, "passkey_loss_on_all", False)),
-            num_batches=num_batches)
+            intro=bool(_get(data_cfg, "passkey_intro", True)), num_batches=num_batches)
 
     data_dir = _get(data_cfg, "data_dir", None)
     if name == "text":

@@ -12,6 +12,7 @@ Token semantics (exact): every unit is encoded once and the pieces are concatena
 ``n_filler`` fillers has ``fixed + n_filler * len(filler_ids)`` tokens and a 1M-token prompt is cheap to stream.
 For bytes this is exactly ``encode(prompt_text)``; for SentencePiece, whose dummy prefix supplies the space
 before every unit, it equals encoding the joined text up to SentencePiece's whitespace handling.
+``intro=False`` drops the intro (for short training windows; the first unit then keeps its leading space).
 ``length`` means the total of [bos] + prompt + answer tokens; the builder uses the largest ``n_filler`` whose
 total is <= length, so the total is in (length - len(filler_ids), length].
 """
@@ -68,10 +69,10 @@ class _Layout:
     answer_N: np.ndarray
 
     @classmethod
-    def make(cls, tokenizer, passkey: str, add_bos: bool) -> "_Layout":
+    def make(cls, tokenizer, passkey: str, add_bos: bool, intro: bool = True) -> "_Layout":
         return cls(
             bos_N=np.asarray([tokenizer.bos_id] if add_bos else [], dtype=np.int32),
-            intro_N=_unit_ids(tokenizer, INTRO, True),
+            intro_N=_unit_ids(tokenizer, INTRO, True) if intro else np.zeros(0, np.int32),
             filler_N=_unit_ids(tokenizer, FILLER, False),
             key_N=_unit_ids(tokenizer, KEY_TEMPLATE.format(key=passkey), False),
             question_N=_unit_ids(tokenizer, QUESTION, False),
@@ -99,13 +100,14 @@ class PasskeyStream:
     """
 
     def __init__(self, tokenizer, length: int, depth: float = 0.5, *, passkey: str | None = None, seed: int = 0,
-                 n_digits: int = 5, chunk_tokens: int = 65536, add_bos: bool = True, include_answer: bool = True):
+                 n_digits: int = 5, chunk_tokens: int = 65536, add_bos: bool = True, include_answer: bool = True,
+                 intro: bool = True):
         if passkey is None:
             passkey = random_passkey(np.random.default_rng(seed), n_digits)
         self.passkey = passkey
         self.chunk_tokens = int(chunk_tokens)
         self.include_answer = include_answer
-        self._lay = _Layout.make(tokenizer, passkey, add_bos)
+        self._lay = _Layout.make(tokenizer, passkey, add_bos, intro)
         self.n_filler = self._lay.n_filler_for(length)
         self.n_before = insert_index(self.n_filler, depth)
         lay = self._lay
@@ -160,10 +162,10 @@ class PasskeyExample:
 
 
 def make_passkey_example(tokenizer, length: int, depth: float = 0.5, *, seed: int = 0, passkey: str | None = None,
-                         n_digits: int = 5, add_bos: bool = True) -> PasskeyExample:
+                         n_digits: int = 5, add_bos: bool = True, intro: bool = True) -> PasskeyExample:
     """One whole example (prompt + answer) with total tokens in (length - len(filler), length]."""
     stream = PasskeyStream(tokenizer, length, depth, passkey=passkey, seed=seed, n_digits=n_digits,
-                           chunk_tokens=max(1, length), add_bos=add_bos, include_answer=True)
+                           chunk_tokens=max(1, length), add_bos=add_bos, include_answer=True, intro=intro)
     tokens_T = np.concatenate(list(stream)) if stream.total_len else np.zeros(0, np.int32)
     return PasskeyExample(tokens_T, stream.prompt_len, stream.answer_ids, stream.key_start, stream.n_filler,
                           stream.passkey)
@@ -181,7 +183,7 @@ class PasskeyIterator:
 
     def __init__(self, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, process_index: int = 0,
                  n_digits: int = 5, min_len: int | None = None, depth_min: float = 0.0, depth_max: float = 1.0,
-                 loss_on_all: bool = False, num_batches: int | None = None):
+                 loss_on_all: bool = False, num_batches: int | None = None, intro: bool = True):
         self.tok = tokenizer
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.seed, self.process_index = int(seed), int(process_index)
@@ -189,9 +191,9 @@ class PasskeyIterator:
         self.max_len = self.seq_len + 1
         self.min_len = self.max_len if min_len is None else int(min(min_len, self.max_len))
         self.depth_min, self.depth_max = float(depth_min), float(depth_max)
-        self.num_batches = num_batches
+        self.num_batches, self.intro = num_batches, bool(intro)
         self.step = 0
-        shortest = _Layout.make(tokenizer, "9" * self.n_digits, True).fixed_len
+        shortest = _Layout.make(tokenizer, "9" * self.n_digits, True, self.intro).fixed_len
         if self.min_len < shortest:
             raise ValueError(f"passkey min_len/seq_len too small: {self.min_len} < {shortest} tokens "
                              "(the prompt without filler); raise seq_len or passkey_min_len")
@@ -209,7 +211,8 @@ class PasskeyIterator:
         for b in range(B):
             length = int(rng.integers(self.min_len, self.max_len + 1))
             depth = float(rng.uniform(self.depth_min, self.depth_max))
-            ex = make_passkey_example(self.tok, length, depth, passkey=random_passkey(rng, self.n_digits))
+            ex = make_passkey_example(self.tok, length, depth, passkey=random_passkey(rng, self.n_digits),
+                                      intro=self.intro)
             off = L + 1 - len(ex.tokens)
             seq_BL1[b, off:] = ex.tokens
             if self.loss_on_all:

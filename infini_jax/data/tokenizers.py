@@ -91,12 +91,16 @@ Tokenizer = ByteTokenizer | SentencePieceTokenizer
 
 
 def load_tokenizer(spec) -> Tokenizer:
-    """'byte' (or None/'') -> ByteTokenizer; a path to a SentencePiece .model -> SentencePieceTokenizer.
+    """'byte' (or None) -> ByteTokenizer; a path to a SentencePiece .model -> SentencePieceTokenizer.
 
-    An object that already looks like a tokenizer (has encode/decode) is returned unchanged.
+    An empty string is an error (configs use "" as "must be set"), so a forgotten tokenizer never silently
+    becomes bytes. An object that already looks like a tokenizer (has encode/decode) is returned unchanged.
     """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "byte", "bytes")):
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("byte", "bytes")):
         return ByteTokenizer()
+    if isinstance(spec, str) and not spec.strip():
+        raise ValueError("config.data.tokenizer is empty: set it to 'byte' or to the path of a SentencePiece "
+                         ".model file (train one with `python -m infini_jax.tokenizer train`)")
     if hasattr(spec, "encode") and hasattr(spec, "decode") and not isinstance(spec, (str, bytes)):
         return spec
     return SentencePieceTokenizer(os.path.expanduser(os.fspath(spec)))

@@ -1,0 +1,450 @@
+"""Data pipelines: passkey, document sources, long-document windows, BookSum, make_iterator, PG19 via tfds."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from infini_jax.data import (ByteTokenizer, DirectorySource, PasskeyIterator, PasskeyStream, WindowIterator,
+                             booksum_example, build_pg19, iter_example_windows, load_tokenizer, make_iterator,
+                             make_passkey_example, passkey_text, rouge_scores, text_example)
+from infini_jax.data.passkey import FILLER, INTRO, QUESTION
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CORPUS = SHARED / "corpus"
+needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"shared corpus {CORPUS} absent")
+HAS_TF = importlib.util.find_spec("tensorflow") is not None
+needs_tf = pytest.mark.skipif(not HAS_TF, reason="tensorflow not installed (needed once to build pg19)")
+TOK = ByteTokenizer()
+
+
+def _cfg(**kw):
+    return ml_collections.ConfigDict(kw)
+
+
+def _check_batch(batch, B, L):
+    assert batch["tokens"].shape == (B, L) and batch["tokens"].dtype == np.int32
+    assert batch["targets"].shape == (B, L) and batch["targets"].dtype == np.int32
+    assert batch["loss_mask"].shape == (B, L) and batch["loss_mask"].dtype == np.float32
+    assert batch["reset"].shape == (B,) and batch["reset"].dtype == bool
+
+
+# ----------------------------------------------------------------------------------------------- passkey
+def test_passkey_exact_prompt_text():
+    ex = make_passkey_example(TOK, 1000, 0.5, passkey="9054")
+    prompt, answer = passkey_text(ex.n_filler, 0.5, "9054")
+    assert TOK.decode(ex.tokens[:ex.prompt_len]) == prompt
+    assert TOK.decode(ex.tokens[ex.answer_start:]) == answer == " 9054"
+    assert ex.tokens[0] == TOK.bos_id
+    assert prompt.startswith(INTRO + " " + FILLER + " ")
+    assert prompt.endswith(" " + QUESTION) and prompt.endswith("What is the pass key? The pass key is")
+    assert "The pass key is 9054. Remember it. 9054 is the pass key." in prompt
+    assert prompt.count(FILLER) == ex.n_filler
+    # length semantics: total <= length and within one filler of it
+    assert 1000 - len(TOK.encode(" " + FILLER)) < len(ex.tokens) <= 1000
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
+def test_passkey_depth(depth):
+    ex = make_passkey_example(TOK, 5000, depth, seed=3)
+    text = TOK.decode(ex.tokens[:ex.prompt_len])
+    key_line = f"The pass key is {ex.passkey}."
+    assert len(ex.passkey) == 5 and ex.passkey.isdigit()
+    # token position of the key line (bytes: char index + 1 for bos)
+    assert text.index(key_line) + 1 == ex.key_start + 1  # +1: the leading space is part of the key unit
+    fillers_before = text[:text.index(key_line)].count(FILLER)
+    assert fillers_before == round(depth * ex.n_filler)
+    assert abs(ex.key_start / ex.prompt_len - depth) < 0.1
+    if depth == 0.0:
+        assert text.startswith(INTRO + " " + key_line)
+    if depth == 1.0:
+        assert text.endswith(f"{ex.passkey} is the pass key. " + QUESTION)
+
+
+def test_passkey_seed_and_digits():
+    a = make_passkey_example(TOK, 800, 0.5, seed=1)
+    b = make_passkey_example(TOK, 800, 0.5, seed=1)
+    c = make_passkey_example(TOK, 800, 0.5, seed=2, n_digits=7)
+    assert a.passkey == b.passkey and np.array_equal(a.tokens, b.tokens)
+    assert len(c.passkey) == 7 and c.passkey[0] != "0"
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        make_passkey_example(TOK, 50, 0.5)
+    with pytest.raises(ValueError, match="depth"):
+        make_passkey_example(TOK, 800, 1.5)
+
+
+def test_passkey_stream_matches_example_small():
+    ex = make_passkey_example(TOK, 3000, 0.3, passkey="12345")
+    stream = PasskeyStream(TOK, 3000, 0.3, passkey="12345", chunk_tokens=97)
+    chunks = list(stream)
+    assert all(len(c) <= 97 for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), ex.tokens)
+    assert (stream.answer_start, stream.key_start) == (ex.answer_start, ex.key_start)
+
+
+def test_passkey_stream_1m_tokens_bounded():
+    stream = PasskeyStream(TOK, 1_000_000, 0.5, seed=7, chunk_tokens=1 << 16)
+    total, biggest, answer_seen = 0, 0, None
+    a0, na = stream.answer_start, len(stream.answer_ids)
+    for chunk in stream:
+        biggest = max(biggest, len(chunk))
+        lo, hi = max(a0, total), min(a0 + na, total + len(chunk))
+        if lo < hi:  # collect the answer tokens where the stream says they are
+            answer_seen = (answer_seen if answer_seen is not None else []) + list(chunk[lo - total:hi - total])
+        total += len(chunk)
+    assert biggest <= 1 << 16
+    assert total == stream.total_len and 1_000_000 - 100 < total <= 1_000_000
+    assert answer_seen == list(stream.answer_ids) and TOK.decode(answer_seen) == " " + stream.passkey
+    assert stream.answer_start + na == total
+    assert abs(stream.key_start / total - 0.5) < 0.01
+
+
+def test_passkey_iterator_windows():
+    it = PasskeyIterator(TOK, seq_len=512, batch_size=4, seed=0, min_len=300)
+    batch = next(it)
+    _check_batch(batch, 4, 512)
+    assert batch["reset"].all()
+    for b in range(4):
+        mask = batch["loss_mask"][b]
+        # answer tokens are exactly the last targets of the window
+        n = int(mask.sum())
+        assert n == 6 and mask[-n:].all()
+        answer = TOK.decode(batch["targets"][b][-n:])
+        assert answer.startswith(" ") and answer[1:].isdigit()
+        text = TOK.decode(batch["tokens"][b])
+        assert text.endswith("What is the pass key? The pass key is" + answer[:-1])
+        assert f"The pass key is {answer[1:]}." in text
+        np.testing.assert_array_equal(batch["tokens"][b][1:], batch["targets"][b][:-1])
+    assert (batch["tokens"] == TOK.pad_id).any()  # min_len < seq_len + 1 gave left padding
+    # deterministic, resumable
+    it2 = PasskeyIterator(TOK, seq_len=512, batch_size=4, seed=0, min_len=300)
+    np.testing.assert_array_equal(next(it2)["tokens"], batch["tokens"])
+    [next(it) for _ in range(2)]
+    state = json.loads(json.dumps(it.get_state()))
+    want = next(it)
+    it3 = PasskeyIterator(TOK, seq_len=512, batch_size=4, seed=0, min_len=300)
+    it3.set_state(state)
+    np.testing.assert_array_equal(next(it3)["tokens"], want["tokens"])
+    # loss on all non-pad tokens
+    full = next(PasskeyIterator(TOK, seq_len=512, batch_size=2, seed=0, loss_on_all=True))
+    for b in range(2):  # targets are scored from the bos on; the left pad (< one filler) is not
+        start = int(np.argmax(full["tokens"][b] == TOK.bos_id))
+        assert start < len(TOK.encode(" " + FILLER))
+        assert (full["loss_mask"][b][start:] == 1).all() and (full["loss_mask"][b][:start] == 0).all()
+
+
+def test_make_iterator_passkey_eval_finite():
+    cfg = _cfg(name="passkey", tokenizer="byte", seed=0, eval_batches=3, passkey_intro=False)
+    batches = list(make_iterator(cfg, seq_len=256, batch_size=4, split="validation", train=False))
+    assert len(batches) == 3
+    train_first = next(make_iterator(cfg, seq_len=256, batch_size=4, split="train"))
+    assert not np.array_equal(train_first["tokens"], batches[0]["tokens"])
+    assert not TOK.decode(batches[0]["tokens"][0]).lstrip("\x00").startswith("There is an important")
+
+
+# --------------------------------------------------------------------------------------------- windows
+def _docs(n, seed=0, max_len=900):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 259, size=int(rng.integers(0, max_len))).astype(np.int32) for _ in range(n)]
+
+
+def _example_fn(docs):
+    def fn(i):
+        seq = np.concatenate([[1], docs[i], [2]]).astype(np.int32)
+        score = np.ones(len(seq), np.float32)
+        score[0] = 0
+        return seq, score
+    return fn
+
+
+def _collect(it):
+    """Reassemble per-document token streams from an eval iterator using last_doc_index."""
+    got, n_batches = {}, 0
+    for batch in it:
+        n_batches += 1
+        for b, doc in enumerate(it.last_doc_index):
+            if doc < 0:
+                assert batch["loss_mask"][b].sum() == 0 and batch["reset"][b]
+                assert (batch["tokens"][b] == 0).all()
+                continue
+            if batch["reset"][b]:
+                assert doc not in got, "document started twice"
+                got[doc] = ([], [])
+            got[doc][0].append(batch["targets"][b][batch["loss_mask"][b] > 0])
+            got[doc][1].append(batch["tokens"][b])
+    return {d: np.concatenate(t) for d, (t, _) in got.items()}, n_batches
+
+
+def test_windows_single_document_exact():
+    seq = np.arange(3, 3 + 21, dtype=np.int32)
+    score = np.ones(21, np.float32)
+    wins = list(iter_example_windows((seq, score), 8, 0))
+    assert len(wins) == 3  # 20 targets / 8
+    toks = np.concatenate([w[0] for w in wins])
+    tgts = np.concatenate([w[1] for w in wins])
+    mask = np.concatenate([w[2] for w in wins])
+    np.testing.assert_array_equal(toks[:21], seq)
+    np.testing.assert_array_equal(tgts[mask > 0], seq[1:])
+    assert mask.sum() == 20 and (toks[21:] == 0).all() and (tgts[20:] == 0).all()
+
+
+def test_windows_eval_every_token_once_and_resets():
+    docs = _docs(13)
+    it = WindowIterator(len(docs), _example_fn(docs), seq_len=64, batch_size=3, pad_id=0, train=False)
+    got, _ = _collect(it)
+    assert sorted(got) == list(range(13))
+    for d, toks in got.items():
+        np.testing.assert_array_equal(toks, np.concatenate([docs[d], [2]]))
+    # reset semantics: row keeps its document until done
+    it = WindowIterator(2, _example_fn([np.arange(3, 200), np.arange(3, 50)]), seq_len=64, batch_size=1,
+                        pad_id=0, train=False)
+    resets = [bool(b["reset"][0]) for b in it]
+    assert resets == [True, False, False, False, True]
+
+
+def test_windows_text_example_reassembles_corpus_file():
+    text = "Stream me window after window. é ∮\n" * 40
+    ex = text_example(TOK, text)
+    tgts = np.concatenate([t[m > 0] for _, t, m in iter_example_windows(ex, 128, TOK.pad_id)])
+    assert TOK.decode(tgts) == text and tgts[-1] == TOK.eos_id
+
+
+def test_windows_per_host_disjoint_and_covering():
+    docs = _docs(11, seed=1)
+    seen = []
+    for p in range(3):
+        it = WindowIterator(len(docs), _example_fn(docs), seq_len=64, batch_size=2, pad_id=0, train=False,
+                            process_index=p, process_count=3)
+        got, _ = _collect(it)
+        for d, toks in got.items():
+            np.testing.assert_array_equal(toks, np.concatenate([docs[d], [2]]))
+        seen.append(set(got))
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert seen[0] | seen[1] | seen[2] == set(range(11))
+
+
+def test_windows_eval_num_batches_pads_and_truncates():
+    docs = _docs(3, max_len=50)
+    fn = _example_fn(docs)
+    batches = list(WindowIterator(3, fn, seq_len=64, batch_size=2, pad_id=0, train=False, num_batches=5))
+    assert len(batches) == 5 and batches[-1]["loss_mask"].sum() == 0
+
+
+def test_windows_train_shuffled_seeded_epochs():
+    docs = _docs(5, max_len=100)  # every doc fits one window of 128
+    def order(seed, n=15):
+        it = WindowIterator(5, _example_fn(docs), seq_len=128, batch_size=1, pad_id=0, train=True, seed=seed)
+        out = []
+        for _ in range(n):
+            b = next(it)
+            assert b["reset"][0]
+            out.append(int(it.last_doc_index[0]))
+        return out, it.epoch
+    a, epoch = order(0)
+    assert a == order(0)[0] and a != order(1)[0]
+    assert epoch == 2 and all(sorted(a[5 * e:5 * e + 5]) == list(range(5)) for e in range(3))
+    assert a[:5] != a[5:10] or a[5:10] != a[10:]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_windows_state_restore_exact(train):
+    docs = _docs(9, seed=2)
+    make = lambda: WindowIterator(len(docs), _example_fn(docs), seq_len=32, batch_size=3, pad_id=0, train=train,
+                                  seed=5, process_index=1, process_count=2)
+    it = make()
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [next(it) for _ in range(3)]
+    it2 = make()
+    it2.set_state(state)
+    for w in want:
+        g = next(it2)
+        for k in w:
+            np.testing.assert_array_equal(g[k], w[k])
+    bad = dict(state, seq_len=64)
+    with pytest.raises(ValueError, match="does not match"):
+        make().set_state(bad)
+
+
+# -------------------------------------------------------------------------------------------- documents
+@needs_corpus
+def test_arxiv_math_directory_source_and_iterator():
+    root = CORPUS / "arxiv_math"
+    sizes = {s: len(DirectorySource(root, s)) for s in ("train", "validation", "test")}
+    assert sizes == {"train": 11, "validation": 2, "test": 2}
+    src = DirectorySource(root, "validation")
+    doc_id, text = src[0]
+    assert doc_id.endswith(".tex") and text.startswith("%")
+    cfg = _cfg(name="text", data_dir=str(root), tokenizer="byte")
+    it = make_iterator(cfg, seq_len=4096, batch_size=2, split="validation", train=False)
+    scored = 0
+    for batch in it:
+        _check_batch(batch, 2, 4096)
+        scored += int(batch["loss_mask"].sum())
+    assert scored == sum(len(t.encode()) + 1 for _, t in src)  # every byte + eos, once
+
+
+def test_directory_source_flat_jsonl_and_split(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x"}) + "\n\n" + json.dumps({"text": "y"}) + "\n")
+    src = DirectorySource(tmp_path, "validation")  # flat dir serves any split
+    assert [d for d, _ in src] == ["a.txt", "b.jsonl:1", "b.jsonl:3"]
+    assert [t for _, t in src] == ["first doc", "x", "y"]
+    assert len(DirectorySource(tmp_path / "b.jsonl", "train")) == 2
+
+
+def test_directory_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_dir.*does not exist"):
+        DirectorySource(tmp_path / "missing_dir", "train")
+    with pytest.raises(ValueError, match="not set"):
+        DirectorySource(None, "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no document files.*empty"):
+        DirectorySource(tmp_path / "empty", "train")
+    (tmp_path / "splits" / "train").mkdir(parents=True)
+    (tmp_path / "splits" / "train" / "a.txt").write_text("hello")
+    with pytest.raises(ValueError, match="split 'test' has no folder.*train"):
+        DirectorySource(tmp_path / "splits", "test")
+    (tmp_path / "splits" / "validation").mkdir()
+    with pytest.raises(ValueError, match="no document files.*split 'validation'"):
+        DirectorySource(tmp_path / "splits", "validation")
+    (tmp_path / "splits" / "train" / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty.txt.*empty"):
+        DirectorySource(tmp_path / "splits", "train")
+    (tmp_path / "splits" / "train" / "empty.txt").unlink()
+    (tmp_path / "splits" / "train" / "bad.md").write_bytes(b"\xff\xfe\xfa not utf8")
+    src = DirectorySource(tmp_path / "splits", "train")
+    with pytest.raises(ValueError, match="bad.md.*UTF-8"):
+        src[[src.doc_id(i) for i in range(len(src))].index("bad.md")]
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no field 'text'"):
+        DirectorySource(tmp_path / "j", "train")[0]
+
+
+# --------------------------------------------------------------------------------------------- booksum
+def test_booksum_mask_and_windows(tmp_path):
+    ex = booksum_example(TOK, "D" * 300, "the summary", separator="|")
+    seq, score = ex
+    assert TOK.decode(seq[score > 0]) == "the summary"
+    assert seq[score > 0][-1] == TOK.eos_id and score.sum() == len("the summary") + 1
+    rows = [{"document": "long book " * 50, "summary": "short."}, {"document": "tiny", "summary": "t."}]
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "bs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(name="booksum", data_dir=str(tmp_path), separator=" => ")
+    batches = list(make_iterator(cfg, seq_len=128, batch_size=1, split="train", train=False))
+    assert len(batches) == 4 + 1  # 500 + 4 + 6 + 1 tokens -> 4 windows; the tiny one fits one
+    assert [bool(b["reset"][0]) for b in batches] == [True, False, False, False, True]
+    assert all(b["loss_mask"].sum() == 0 for b in batches[:3])  # the left part of the book is context only
+    assert TOK.decode(batches[3]["targets"][0][batches[3]["loss_mask"][0] > 0]) == "short."
+    assert TOK.decode(batches[3]["tokens"][0]).endswith("book  => short.")
+
+
+def test_rouge_helper():
+    s = rouge_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert s["rouge1"] == pytest.approx(100) and s["rougeL"] == pytest.approx(100)
+    low = rouge_scores(["dogs bark loudly"], ["the cat sat on the mat"])
+    assert low["rouge1"] == 0 and set(low) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+
+
+# ------------------------------------------------------------------------------------------ make_iterator
+def test_make_iterator_errors(tmp_path):
+    with pytest.raises(ValueError, match="valid.*passkey.*text.*pg19.*booksum"):
+        make_iterator(_cfg(name="c4"), seq_len=64, batch_size=2, split="train")
+    with pytest.raises(ValueError, match="divisible"):
+        make_iterator(_cfg(name="passkey"), seq_len=256, batch_size=3, split="train", process_count=2)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        make_iterator(_cfg(name="text", data_dir=str(tmp_path / "nowhere")), seq_len=64, batch_size=2, split="train")
+    with pytest.raises(FileNotFoundError, match="build-pg19"):
+        make_iterator(_cfg(name="pg19", data_dir=str(tmp_path)), seq_len=64, batch_size=2, split="train")
+    with pytest.raises(ValueError, match="not found"):
+        make_iterator(_cfg(name="passkey", tokenizer=str(tmp_path / "x.model")), seq_len=64, batch_size=2,
+                      split="train")
+
+
+# -------------------------------------------------------------------------------------------------- pg19
+@pytest.fixture(scope="module")
+def pg19_dir(tmp_path_factory):
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared corpus {CORPUS} absent")
+    if not HAS_TF:
+        pytest.skip("tensorflow not installed (needed once to build pg19)")
+    out = tmp_path_factory.mktemp("tfds")
+    counts = build_pg19(str(CORPUS / "pg19"), str(out))
+    assert counts == {"train": 8, "validation": 2, "test": 2}
+    return out
+
+
+@needs_corpus
+@needs_tf
+def test_pg19_build_and_read_tf_free(pg19_dir):
+    import subprocess
+    import sys
+    code = ("import sys, json; import tensorflow_datasets as tfds; "
+            f"ds = tfds.data_source('pg19', data_dir={str(pg19_dir)!r}, split='test'); "
+            "ids = sorted(int(ds[i]['book_id']) for i in range(len(ds))); "
+            "print(json.dumps([ids, 'tensorflow' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids, tf_loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ids == [972, 18304] and not tf_loaded
+
+
+@needs_corpus
+@needs_tf
+def test_pg19_iterator_every_token_once(pg19_dir):
+    cfg = _cfg(name="pg19", data_dir=str(pg19_dir), tokenizer="byte")
+    it = make_iterator(cfg, seq_len=8192, batch_size=2, split="validation", train=False)
+    scored, firsts = 0, 0
+    for batch in it:
+        scored += int(batch["loss_mask"].sum())
+        firsts += int((batch["reset"] & (it.last_doc_index >= 0)).sum())
+    books = [(CORPUS / "pg19" / "validation" / f).read_text(encoding="utf-8").strip()
+             for f in ("1661.txt", "14263.txt")]
+    assert firsts == 2 and scored == sum(len(b.encode()) + 1 for b in books)
+    train = make_iterator(cfg, seq_len=1024, batch_size=4, split="train", process_index=1, process_count=2)
+    batch = next(train)
+    _check_batch(batch, 2, 1024)
+    assert batch["reset"].all() and batch["loss_mask"].all()
+
+
+def test_load_tokenizer_from_config_field():
+    assert isinstance(load_tokenizer(_cfg(tokenizer="byte").tokenizer), ByteTokenizer)
+
+
+def _mistral_model():
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    return path if path.is_file() else None
+
+
+@pytest.mark.skipif(_mistral_model() is None, reason="mistral-common (ships a SentencePiece model) not installed")
+def test_sentencepiece_passkey_and_windows(tmp_path):
+    tok = load_tokenizer(str(_mistral_model()))
+    for depth in (0.0, 0.5, 1.0):
+        ex = make_passkey_example(tok, 500, depth, passkey="9054")
+        prompt, answer = passkey_text(ex.n_filler, depth, "9054")
+        # piecewise encoding == encoding the whole text (SentencePiece's dummy prefix supplies the spaces)
+        assert ex.tokens[1:].tolist() == tok.encode(prompt + answer)
+        assert len(ex.tokens) <= 500 and ex.tokens[0] == tok.bos_id
+    (tmp_path / "d.txt").write_text("Some text to window. " * 30)
+    cfg = _cfg(name="text", data_dir=str(tmp_path), tokenizer=str(_mistral_model()))
+    batches = list(make_iterator(cfg, seq_len=32, batch_size=1, split="train", train=False))
+    tgts = np.concatenate([b["targets"][0][b["loss_mask"][0] > 0] for b in batches])
+    assert tgts.tolist() == tok.encode("Some text to window. " * 30) + [tok.eos_id]
+
+
+def test_unknown_data_config_key_is_an_error():
+    import ml_collections
+
+    from infini_jax.data import make_iterator
+
+    cfg = ml_collections.ConfigDict(dict(name="passkey", tokenizer="byte", seed=0, passkey_digit=5))
+    with pytest.raises(ValueError, match="passkey_digit"):
+        make_iterator(cfg, seq_len=512, batch_size=2, split="train")
