@@ -27,7 +27,7 @@ def get_config(arg=None):
     )
     config.train = dict(
         steps=300, batch_size=8, seed=0, log_every=20, eval_every=100, eval_batches=4,
-        ckpt_every=100, keep_checkpoints=2,
+        ckpt_every=100, keep_checkpoints=2, init_from="",  # init_from: params-only start (fine-tuning)
     )
     config.optim = dict(
         name="adamw", lr=3e-3, gate_lr=1e-2, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1,

@@ -422,6 +422,31 @@ def test_thousand_segments_stay_finite(rule):
     _close(np.asarray(out)[:, -seg * 10:], out_ref[:, -seg * 10:], rtol=1e-3, what="late outputs")
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_extreme_inputs_finite(rule):
+    """Very negative q/k make sigma underflow to exactly 0 (den = 0 on a non-empty memory: the guard
+    must give 0, not NaN); very positive ones make sigma large. Values and gradients stay finite."""
+    n_seg = 3
+    q, k, v = _qkv(150, length=n_seg * N, scale=1.0)
+    q[:, 3], k[:, 9] = -200.0, -200.0  # sigma(x) = exp(-200) -> 0 in float32 (and tiny in float64)
+    q[:, 5], k[:, 12] = 60.0, 60.0
+    m0, z0 = _nonempty_state(151)
+
+    def run(q_, k_, v_, beta_):
+        return infini_attention_sequence(q_, k_, v_, beta_, segment_len=N, rule=rule,
+                                         state=_state(m0, z0), mode="scan")
+
+    args = tuple(jnp.asarray(x) for x in (q, k, v, BETA))
+    out, final = run(*args)
+    for x in (out, final.M, final.z):
+        assert np.all(np.isfinite(np.asarray(x)))
+    out_ref, m_ref, _ = ref.infini_attention_sequence_ref(q, k, v, BETA, N, rule, m0, z0)
+    _close(out, out_ref, rtol=1e-4, what="extreme-input output")
+    _close(final.M, m_ref, rtol=1e-4, what="extreme-input M")
+    grads = jax.grad(lambda *a: jnp.sum(run(*a)[0]), argnums=(0, 1, 2, 3))(*args)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
 # ----------------------------------------------------------------------------- bad input
 def _bad_cases():
     q, k, v = (jnp.asarray(x) for x in _qkv(140))

@@ -1,0 +1,315 @@
+"""Device mesh and the one table from logical axes to mesh axes.
+
+Mesh axes, in order: data, fsdp, (context), tensor. `config.mesh` gives their sizes; -1 means "whatever
+devices are left" (at most one -1). `context` is optional (absent = not in the mesh): it is reserved for a
+future sequence-parallel mode and nothing maps to it yet.
+
+The axes use AxisType.Auto: jit in/out shardings with NamedSharding and XLA's propagation in between
+(jax 0.10's make_mesh defaults to Explicit, which would make sharding part of every array's type).
+
+Every parameter names its dimensions with logical axes (model.py `axes` metadata); `RULES` maps each to a
+mesh axis (or a tuple of mesh axes, or None). One dimension falls back to replication when its size does
+not divide the mesh axes (e.g. vocab 259 over tensor=2, or kv_heads=1 under multi-query); a mesh axis is
+never used twice in one PartitionSpec. The two mistakes that would silently waste the mesh are errors
+before compiling: num_heads not divisible by the tensor axis, and the batch not divisible by data × fsdp.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from infini_jax import attention as attn
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+REQUIRED_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis / tuple of mesh axes / None (replicated)
+RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "length": None,  # later: "context"
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "key": None,
+    "value": None,
+}
+
+log = logging.getLogger(__name__)
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """{axis: size} in MESH_AXES order; resolves one -1; errors name the config keys."""
+    cfg = dict(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg)
+    unknown = sorted(set(cfg) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"unknown config.mesh keys {unknown}; valid keys: {list(MESH_AXES)}")
+    missing = [a for a in REQUIRED_AXES if a not in cfg]
+    if missing:
+        raise ValueError(f"config.mesh is missing {missing} (sizes; -1 = remaining devices)")
+    sizes = {a: int(cfg[a]) for a in MESH_AXES if a in cfg}
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1, got {free}")
+    if any(s == 0 or s < -1 for s in sizes.values()):
+        raise ValueError(f"config.mesh sizes must be positive or -1, got {sizes}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if n_devices % fixed:
+            raise ValueError(f"config.mesh {sizes}: {n_devices} devices are not divisible by {fixed}")
+        sizes[free[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise ValueError(f"config.mesh {sizes} needs {math.prod(sizes.values())} devices, have {n_devices}")
+    return sizes
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """The device mesh of config.mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    names = tuple(sizes)
+    try:
+        return jax.make_mesh(tuple(sizes.values()), names, axis_types=(AxisType.Auto,) * len(names),
+                             devices=devices)
+    except Exception:  # device objects without a physical topology (e.g. some AOT topologies)
+        arr = np.asarray(devices, dtype=object).reshape(tuple(sizes.values()))
+        return Mesh(arr, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _present(mesh: Mesh, axes):
+    """Drops mesh axes the mesh does not have (e.g. "context"); None when nothing is left."""
+    if axes is None:
+        return None
+    tup = (axes,) if isinstance(axes, str) else tuple(axes)
+    tup = tuple(a for a in tup if a in mesh.shape)
+    if not tup:
+        return None
+    return tup[0] if len(tup) == 1 else tup
+
+
+def logical_to_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, Any] = RULES, *, name: str = "") -> P:
+    """PartitionSpec for one array: its logical axis names mapped through `rules`.
+
+    A dimension whose size does not divide its mesh axes is replicated (logged once); a mesh axis already
+    used by an earlier dimension is not reused.
+    """
+    if len(logical) != len(shape):
+        raise ValueError(f"{name}: {len(logical)} logical axes {tuple(logical)} for shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for ax, size in zip(logical, shape):
+        if ax is not None and ax not in rules:
+            raise ValueError(f"{name}: logical axis {ax!r} has no sharding rule; known: {sorted(rules)}")
+        mesh_ax = _present(mesh, rules.get(ax)) if ax is not None else None
+        tup = () if mesh_ax is None else ((mesh_ax,) if isinstance(mesh_ax, str) else mesh_ax)
+        if tup and (used & set(tup)):
+            mesh_ax, tup = None, ()
+        if tup and size % _axis_size(mesh, tup):
+            log.info("sharding: %s dim %s=%d not divisible by mesh %s=%d; replicated", name, ax, size,
+                         tup, _axis_size(mesh, tup))
+            mesh_ax, tup = None, ()
+        used |= set(tup)
+        spec.append(mesh_ax)
+    return P(*spec)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_logical_axes(abstract_model) -> dict:
+    """Pure dict (same structure as the params) of each nnx.Param's `axes` metadata tuple, as a leaf."""
+    _, state = nnx.split(abstract_model, nnx.Param)
+    out = {}
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]:
+        axes = var.get_metadata().get("axes")
+        if axes is None:
+            raise ValueError(f"param {_path_str(path)} has no `axes` metadata")
+        node = out
+        keys = [k.key for k in path]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = _Leaf(tuple(axes))
+    return out
+
+
+class _Leaf:
+    """Wraps a tuple so jax.tree treats it as one leaf."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def check_divisibility(mesh: Mesh, *, num_heads: int, batch_size: Optional[int] = None) -> None:
+    """The errors to raise before compiling (see the module docstring)."""
+    tensor = _axis_size(mesh, _present(mesh, RULES["heads"]))
+    if num_heads % tensor:
+        raise ValueError(f"model.num_heads={num_heads} is not divisible by the mesh tensor axis ({tensor}); "
+                         "change config.mesh.tensor or the number of heads")
+    if batch_size is not None:
+        data = _axis_size(mesh, _present(mesh, RULES["batch"]))
+        if batch_size % data:
+            raise ValueError(f"batch size {batch_size} is not divisible by the mesh batch axes "
+                             f"{RULES['batch']} = {data} devices; change train.batch_size or config.mesh")
+
+
+def param_shardings(abstract_model, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> dict:
+    """NamedSharding per parameter, a pure dict matching nnx.to_pure_dict(nnx.state(model, nnx.Param))."""
+    check_divisibility(mesh, num_heads=abstract_model.cfg.num_heads)
+    axes = param_logical_axes(abstract_model)
+    shapes = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+    return jax.tree.map(
+        lambda a, s: NamedSharding(mesh, logical_to_spec(a.value, s.shape, mesh, rules)),
+        axes, shapes, is_leaf=lambda x: isinstance(x, _Leaf))
+
+
+def opt_state_shardings(opt_state_shapes, params_shapes, params_shardings, mesh: Mesh):
+    """NamedSharding per optimizer-state leaf: a leaf whose key path ends with a parameter's key path
+    takes that parameter's sharding when shapes are equal, or that sharding minus the dropped dimension
+    for Adafactor's factored row/column statistics; everything else (counts, scalars) is replicated."""
+    by_path = {}
+    for (path, shape), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(params_shapes)[0],
+                                      jax.tree_util.tree_flatten_with_path(params_shardings)[0]):
+        by_path[tuple(_key(k) for k in path)] = (tuple(shape.shape), sh.spec)
+    max_len = max((len(p) for p in by_path), default=0)
+    replicated = NamedSharding(mesh, P())
+
+    def one(path, leaf):
+        keys = tuple(_key(k) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        for n in range(min(max_len, len(keys)), 0, -1):
+            hit = by_path.get(keys[-n:])
+            if hit is None:
+                continue
+            pshape, spec = hit
+            spec = tuple(spec) + (None,) * (len(pshape) - len(spec))
+            if shape == pshape:
+                return NamedSharding(mesh, P(*spec))
+            if len(shape) == len(pshape) - 1:  # factored statistics: one dimension reduced away
+                for d in range(len(pshape) - 1, -1, -1):
+                    if pshape[:d] + pshape[d + 1:] == shape:
+                        return NamedSharding(mesh, P(*(spec[:d] + spec[d + 1:])))
+            return replicated
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, opt_state_shapes)
+
+
+def _key(k):
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return k
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over the batch mesh axes, everything else replicated (valid for any rank >= 1; `ndim` is
+    accepted for readability only)."""
+    del ndim
+    return NamedSharding(mesh, P(_present(mesh, RULES["batch"])))
+
+
+def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict:
+    return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
+
+
+def memory_shardings(mesh: Mesh, state_tree):
+    """Shardings of the per-layer recurrent state (model.init_state): MemoryState M [B,H,K,V], z [B,H,K]
+    and XLCache k/v [B,N,H,K], valid [B]: rows over the batch axes, heads over tensor."""
+    b_ax, h_ax = _present(mesh, RULES["batch"]), _present(mesh, RULES["heads"])
+
+    def spec_for(x, head_dim_index):
+        shape = x.shape
+        spec = [None] * len(shape)
+        if shape and shape[0] % _axis_size(mesh, b_ax) == 0:
+            spec[0] = b_ax
+        if head_dim_index is not None and h_ax and shape[head_dim_index] % _axis_size(mesh, h_ax) == 0:
+            spec[head_dim_index] = h_ax
+        return NamedSharding(mesh, P(*spec))
+
+    def layer(s):
+        if isinstance(s, attn.MemoryState):
+            return attn.MemoryState(M=spec_for(s.M, 1), z=spec_for(s.z, 1))
+        if isinstance(s, attn.XLCache):
+            return attn.XLCache(k=spec_for(s.k, 2), v=spec_for(s.v, 2), valid=spec_for(s.valid, None))
+        return jax.tree.map(lambda x: spec_for(x, None), s)
+
+    return tuple(layer(s) for s in state_tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_shard(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+    """(index, count) of the block of global batch rows this process feeds: pass them to the data iterator
+    as process_index / process_count. Equal to (process_index, process_count) when the batch axes span
+    the processes in order; processes that hold the same rows (a tensor axis across hosts) get the same
+    index, so they read the same data."""
+    idx_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+    spans = [(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop) for s in idx_map.values()]
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    covered = np.zeros(batch_size, bool)
+    for a, b in spans:
+        covered[a:b] = True
+    if not covered[lo:hi].all() or batch_size % (hi - lo):
+        raise ValueError(f"this process's devices hold batch rows {sorted(set(spans))}: not one contiguous block; "
+                         "order the mesh so the batch axes are outermost across processes")
+    return lo // (hi - lo), batch_size // (hi - lo)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, batch_size: Optional[int] = None) -> dict:
+    """Per-process numpy batch (this process's block of rows, see data_shard) -> global jax.Arrays
+    sharded over the batch axes. `batch_size`: the global batch (default: rows × number of data shards)."""
+    rows = len(next(iter(local_batch.values())))
+    if batch_size is None:
+        batch_size = rows * data_shard(mesh, rows * jax.process_count())[1] if jax.process_count() > 1 else rows
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(v),
+                                                      (batch_size,) + np.shape(v)[1:])
+            for k, v in local_batch.items()}
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, *, force: bool = False) -> bool:
+    """jax.distributed.initialize when running multi-process; returns whether it did.
+
+    Multi-process is detected from explicit arguments, `force` (the CLI's --multihost: TPU pods / SLURM,
+    where JAX finds the coordinator itself), or the env vars JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES +
+    JAX_PROCESS_ID. CPU processes use gloo collectives.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if not (force or coordinator_address):
+        return False
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if coordinator_address:
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                      process_id=process_id)
+    jax.distributed.initialize(**kwargs)
+    return True

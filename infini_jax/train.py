@@ -1,0 +1,441 @@
+"""Training: TrainState, the sharded train/eval steps, and the loop (`train_and_evaluate`).
+
+The train step is a pure function `(TrainState, batch) -> (TrainState, metrics)`, jitted once with
+in/out shardings and the state donated. The model lives outside as an NNX graphdef; params travel as a
+pure dict and `nnx.merge(graphdef, params)` rebuilds the module inside the jitted function.
+
+Each training window starts from an empty memory (model(tokens, state=None, reset)): the train step carries
+no memory between steps. Evaluation carries the memory from batch to batch (rows stream their documents)
+and clears a row where batch["reset"] says a new document starts.
+
+Gradient accumulation (optim.grad_accum = A) is a `lax.scan` over A interleaved microbatches inside the
+step (rows a, a+A, a+2A, ... so every microbatch spans all data shards); summed token-weighted gradients
+are divided by the total number of loss tokens, so the update equals the full-batch update.
+
+A step whose loss or gradient norm is not finite leaves the state unchanged (params, optimizer and step);
+the loop then stops with NonFiniteLossError and never saves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from infini_jax import checkpoint as ckpt_lib
+from infini_jax import optim as optim_lib
+from infini_jax import sharding as shd
+from infini_jax.model import InfiniTransformer, ModelConfig
+
+# Every config.train key and its default (a key not listed here is an error).
+TRAIN_DEFAULTS: dict[str, Any] = dict(
+    steps=100, batch_size=8, seed=0, log_every=10, eval_every=0, eval_batches=4, ckpt_every=0,
+    keep_checkpoints=2, async_checkpoints=True,
+    init_from="",  # fine-tuning: a workdir / checkpoints dir / step dir whose params start a fresh run
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: Any  # pure dict of arrays (nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    opt_state: Any
+    rng: jax.Array  # uint32 [2]
+
+
+# --------------------------------------------------------------------------- config
+
+def train_config(cfg: Mapping[str, Any]) -> dict:
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    unknown = sorted(set(d) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown config.train keys {unknown}; valid keys: {sorted(TRAIN_DEFAULTS)}")
+    out = {**TRAIN_DEFAULTS, **d}
+    for k in ("steps", "batch_size"):
+        if int(out[k]) < 1:
+            raise ValueError(f"config.train.{k} must be >= 1, got {out[k]}")
+    return out
+
+
+def validate_config(config, *, process_count: Optional[int] = None) -> tuple[ModelConfig, dict, dict]:
+    """(ModelConfig, train dict, optim dict); every config error that needs no devices, before compiling."""
+    for section in ("model", "data", "train", "optim", "mesh"):
+        if section not in config:
+            raise ValueError(f"config has no {section!r} section (see configs/tiny.py)")
+    model_cfg = ModelConfig.from_dict(config.model)
+    train = train_config(config.train)
+    optim = optim_lib.optim_config(config.optim)
+    if model_cfg.attention != "full" and model_cfg.seq_len % model_cfg.segment_len:
+        raise ValueError(f"seq_len {model_cfg.seq_len} is not a multiple of segment_len {model_cfg.segment_len}")
+    bs, accum = int(train["batch_size"]), int(optim["grad_accum"])
+    if bs % accum:
+        raise ValueError(f"train.batch_size {bs} is not divisible by optim.grad_accum {accum}")
+    pc = jax.process_count() if process_count is None else process_count
+    if bs % pc:
+        raise ValueError(f"train.batch_size {bs} is not divisible by the number of processes {pc}")
+    return model_cfg, train, optim
+
+
+def check_mesh(mesh, model_cfg: ModelConfig, batch_size: int, grad_accum: int = 1) -> None:
+    shd.check_divisibility(mesh, num_heads=model_cfg.num_heads, batch_size=batch_size)
+    if grad_accum > 1:
+        try:
+            shd.check_divisibility(mesh, num_heads=model_cfg.num_heads, batch_size=batch_size // grad_accum)
+        except ValueError as e:
+            raise ValueError(f"microbatch (batch_size / grad_accum = {batch_size // grad_accum}): {e}") from None
+
+
+# --------------------------------------------------------------------------- state
+
+def abstract_model(model_cfg: ModelConfig):
+    return nnx.eval_shape(lambda: InfiniTransformer(model_cfg, rngs=nnx.Rngs(0)))
+
+
+def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init: bool = True):
+    """(graphdef, state or None, state shardings, abstract state). `init=False` skips the random init
+    (resume): the abstract state (ShapeDtypeStructs with shardings) is what a restore fills in."""
+    amodel = abstract_model(model_cfg)
+    graphdef, _ = nnx.split(amodel, nnx.Param)  # TrainState carries params only
+    param_sh = shd.param_shardings(amodel, mesh)
+
+    def init_fn():
+        model = InfiniTransformer(model_cfg, rngs=nnx.Rngs(seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.PRNGKey(seed + 1))
+
+    shapes = jax.eval_shape(init_fn)
+    repl = shd.replicated(mesh)
+    state_sh = TrainState(step=repl, params=param_sh,
+                          opt_state=shd.opt_state_shardings(shapes.opt_state, shapes.params, param_sh, mesh),
+                          rng=repl)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
+    state = jax.jit(init_fn, out_shardings=state_sh)() if init else None
+    return graphdef, state, state_sh, abstract
+
+
+# --------------------------------------------------------------------------- steps
+
+def _token_sums(graphdef, params, batch, memory=None):
+    """Σ masked NLL, Σ mask, Σ masked correct, #rows fully correct (rows with mask), new memory."""
+    model = nnx.merge(graphdef, params)
+    logits_blv, memory = model(batch["tokens"], memory, batch["reset"])
+    mask_bl = batch["loss_mask"].astype(jnp.float32)
+    nll_bl = optax.softmax_cross_entropy_with_integer_labels(logits_blv, batch["targets"])
+    correct_bl = (jnp.argmax(logits_blv, -1) == batch["targets"]).astype(jnp.float32)
+    row_has = mask_bl.sum(-1) > 0
+    row_ok = jnp.all((correct_bl > 0) | (mask_bl == 0), axis=-1) & row_has
+    sums = {"nll": jnp.sum(nll_bl * mask_bl), "tokens": jnp.sum(mask_bl), "correct": jnp.sum(correct_bl * mask_bl),
+            "rows_correct": jnp.sum(row_ok.astype(jnp.float32)), "rows": jnp.sum(row_has.astype(jnp.float32))}
+    return sums, memory
+
+
+def make_train_step(graphdef, tx, lr_fn: Callable, *, mesh, state_shardings, grad_accum: int = 1,
+                    gate_lr_fn: Optional[Callable] = None, jit: bool = True):
+    """The train step `(state, batch) -> (state, metrics)`, jitted with shardings and the state donated."""
+    batch_sh = shd.batch_sharding(mesh, 2)
+    row_sh = shd.batch_sharding(mesh, 1)
+
+    def sums_and_grads(params, batch):
+        def f(p):
+            sums, _ = _token_sums(graphdef, p, batch)
+            return sums["nll"], sums
+        (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return sums, grads
+
+    def train_step(state: TrainState, batch):
+        if grad_accum == 1:
+            sums, grads = sums_and_grads(state.params, batch)
+        else:
+            def split(x):  # [B, ...] -> [A, B/A, ...], microbatch a = rows a, a+A, ...
+                x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+                return x
+
+            micro = jax.tree.map(split, batch)
+
+            def body(acc, mb):
+                mb = {k: jax.lax.with_sharding_constraint(v, batch_sh if v.ndim == 2 else row_sh)
+                      for k, v in mb.items()}
+                s, g = sums_and_grads(state.params, mb)
+                return jax.tree.map(jnp.add, acc, (s, g)), None
+
+            zero_s = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: sums_and_grads(state.params, jax.tree.map(
+                lambda x: x[0], micro)))[0])
+            zero_g = jax.tree.map(jnp.zeros_like, state.params)
+            (sums, grads), _ = jax.lax.scan(body, (zero_s, zero_g), micro)
+        denom = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = sums["nll"] / denom
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        metrics = {"loss": loss, "accuracy": sums["correct"] / denom, "grad_norm": grad_norm,
+                   "lr": lr_fn(state.step), "tokens": sums["tokens"]}
+        if gate_lr_fn is not None:
+            metrics["gate_lr"] = gate_lr_fn(state.step)
+        return new, metrics
+
+    if not jit:
+        return train_step
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings,
+                   shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, *, mesh, param_shardings, memory_shardings):
+    """`(params, memory, batch) -> (sums, memory)`: the memory streams from batch to batch."""
+    batch_sh = shd.batch_sharding(mesh, 2)
+
+    def eval_step(params, memory, batch):
+        return _token_sums(graphdef, params, batch, memory)
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, memory_shardings, batch_sh),
+                   out_shardings=(shd.replicated(mesh), memory_shardings), donate_argnums=(1,))
+
+
+def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]], mesh, init_memory: Callable,
+             batch_size: Optional[int] = None):
+    """Token-weighted loss / perplexity / accuracy (and row exact-match) over `batches`."""
+    total, memory = None, None
+    for local in batches:
+        batch = shd.global_batch(local, mesh, batch_size)
+        if memory is None:
+            memory = init_memory(batch["tokens"].shape[0])
+        sums, memory = eval_step(params, memory, batch)
+        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    if total is None:
+        return {}
+    t = {k: float(v) for k, v in jax.device_get(total).items()}
+    n = max(t["tokens"], 1.0)
+    loss = t["nll"] / n
+    return {"loss": loss, "ppl": float(math.exp(min(loss, 80.0))), "accuracy": t["correct"] / n,
+            "seq_accuracy": t["rows_correct"] / max(t["rows"], 1.0), "tokens": t["tokens"]}
+
+
+def gate_values_from_params(params) -> Optional[jax.Array]:
+    """sigmoid(β) [layers, heads] from a params pure dict (jittable), or None without Infini-attention gates."""
+    blocks = params.get("blocks", {})
+    gates = [blocks[i].get("attn", {}).get("gate_logit") for i in sorted(blocks, key=int)]
+    if not gates or any(g is None for g in gates):
+        return None
+    return jnp.stack([jax.nn.sigmoid(g.astype(jnp.float32)) for g in gates])
+
+
+# --------------------------------------------------------------------------- the loop
+
+class _Logger:
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = (workdir / "metrics.jsonl").open("a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(str(workdir / "tb"))
+            except Exception as e:  # tensorboard is optional
+                log.warning("tensorboardX unavailable (%s): metrics.jsonl only", e)
+
+    def write(self, step: int, split: str, metrics: Mapping[str, Any]):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": int(step), "split": split, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+            for layer, heads in enumerate(metrics.get("gates") or []):
+                for h, g in enumerate(heads):
+                    self.tb.add_scalar(f"gates/layer{layer}/head{h}", g, step)
+            self.tb.flush()
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _eval_data_cfg(config, n_batches: int) -> dict:
+    d = dict(config.data.to_dict() if hasattr(config.data, "to_dict") else config.data)
+    if d.get("num_batches") is None:
+        d["num_batches"] = n_batches
+    d["eval_batches"] = n_batches
+    return d
+
+
+def train_and_evaluate(config, workdir: str | Path, *, progress: bool = True, stop_after: Optional[int] = None,
+                       make_iterator: Optional[Callable] = None) -> dict:
+    """Trains config.train.steps steps in `workdir` (resuming from its latest checkpoint), evaluating every
+    eval_every steps and at the end; writes metrics.jsonl, tb/, checkpoints/ and eval_results.json.
+
+    SIGTERM (or `stop_after`=k, for tests: stop once k steps are done) saves a checkpoint at the current step,
+    waits for it and returns {"preempted": True, "step": ...}. A non-finite loss raises NonFiniteLossError
+    without saving. `make_iterator` defaults to infini_jax.data.make_iterator.
+    """
+    model_cfg, train, optim = validate_config(config)
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = shd.make_mesh(config.mesh)
+    bs, accum, total = int(train["batch_size"]), int(optim["grad_accum"]), int(train["steps"])
+    check_mesh(mesh, model_cfg, bs, accum)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=train["keep_checkpoints"], async_save=train["async_checkpoints"])
+    prev_handler = None
+    stop = {"flag": False}
+    if threading.current_thread() is threading.main_thread():  # from here on, SIGTERM = save and stop
+        prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
+    closables: list = []
+    try:
+        return _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, progress, stop_after,
+                     make_iterator, closables)
+    finally:
+        for c in reversed(closables):
+            c.close()
+        ckpt.close()
+        if prev_handler is not None:
+            signal.signal(signal.SIGTERM, prev_handler)
+
+
+def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, progress, stop_after,
+          make_iterator, closables) -> dict:
+    bs, accum, total = int(train["batch_size"]), int(optim["grad_accum"]), int(train["steps"])
+    latest = ckpt.latest_step()
+    if latest is not None:
+        ckpt_lib.check_model_matches(ckpt.saved_config(latest), config.model, workdir)
+    if make_iterator is None:
+        from infini_jax.data import make_iterator
+    seq_len = model_cfg.seq_len
+    data_index, data_count = shd.data_shard(mesh, bs)
+    data_kw = dict(seq_len=seq_len, batch_size=bs, process_index=data_index, process_count=data_count)
+    train_iter = make_iterator(config.data, split="train", train=True, **data_kw)
+
+    tx, lr_fn, gate_lr_fn = optim_lib.make_optimizer(optim, total)
+    graphdef, state, state_sh, abstract = create_train_state(model_cfg, tx, mesh, int(train["seed"]),
+                                                             init=latest is None and not train["init_from"])
+    if latest is not None:
+        params, opt, data_state = ckpt.restore(latest, abstract.params, {
+            "opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng})
+        state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"], rng=opt["rng"])
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, latest)
+    elif train["init_from"]:  # params only; fresh optimizer state, step 0, data from the start
+        params = ckpt_lib.restore_params(train["init_from"], model_cfg, mesh)
+        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_sh.step), params=params,
+                           opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
+                           rng=jax.device_put(jax.random.PRNGKey(int(train["seed"]) + 1), state_sh.rng))
+        log.info("initialized params from %s", train["init_from"])
+    train_step = make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh, grad_accum=accum,
+                                 gate_lr_fn=gate_lr_fn)
+    amodel = abstract_model(model_cfg)
+    mem_sh = shd.memory_shardings(mesh, jax.eval_shape(lambda: amodel.init_state(bs)))
+    eval_step = make_eval_step(graphdef, mesh=mesh, param_shardings=state_sh.params, memory_shardings=mem_sh)
+    init_memory = jax.jit(lambda: amodel.init_state(bs), out_shardings=mem_sh)
+    gates_fn = jax.jit(gate_values_from_params, out_shardings=shd.replicated(mesh)) \
+        if model_cfg.attention == "infini" else None
+
+    def run_eval(step):
+        it = make_iterator(_eval_data_cfg(config, int(train["eval_batches"])), split="validation", train=False,
+                           **data_kw)
+        res = evaluate(eval_step, state.params, it, mesh, lambda b: init_memory(), bs)
+        if gates_fn is not None:
+            res["gates"] = np.asarray(jax.device_get(gates_fn(state.params))).tolist()
+        logger.write(step, "eval", res)
+        return res
+
+    logger = _Logger(workdir, is_main)
+    closables.append(logger)
+
+    def save(step):
+        if step not in ckpt.all_steps():
+            ckpt.save(step, state, train_iter.get_state(), config)
+
+    step = int(jax.device_get(state.step))
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc="train")
+        closables.append(bar)
+    pending: list = []  # (step, metrics) not yet checked on the host
+    window = {"t": time.time(), "tokens": 0, "steps": 0}
+    result: dict = {}
+
+    def check(p_step, metrics):
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            ckpt.wait()
+            raise NonFiniteLossError(
+                f"non-finite loss/grad norm at step {p_step} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
+                f"stopping; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        return m
+
+    def drain():
+        while pending:
+            p_step, metrics = pending.pop(0)
+            m = check(p_step, metrics)
+            window["tokens"] += bs * seq_len
+            window["steps"] += 1
+            if p_step % max(int(train["log_every"]), 1) == 0 or p_step == total:
+                dt = max(time.time() - window["t"], 1e-9)
+                m["tokens_per_s"] = window["tokens"] / dt
+                m["steps_per_s"] = window["steps"] / dt
+                window.update(t=time.time(), tokens=0, steps=0)
+                logger.write(p_step, "train", m)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+            result["train"] = m
+
+    while step < total:
+        local = next(train_iter)
+        batch = shd.global_batch(local, mesh, bs)
+        state, metrics = train_step(state, batch)
+        drain()  # the previous step's metrics, while this one runs
+        step += 1
+        pending.append((step, metrics))
+        if bar is not None:
+            bar.update(1)
+        preempt = stop["flag"] or (stop_after is not None and step >= stop_after)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            preempt = bool(np.any(multihost_utils.process_allgather(np.array([preempt]))))
+        ckpt_every, eval_every = int(train["ckpt_every"]), int(train["eval_every"])
+        if (ckpt_every and step % ckpt_every == 0) or preempt or step == total:
+            drain()
+            save(step)
+        if eval_every and step % eval_every == 0 and step < total:
+            drain()
+            run_eval(step)
+        if preempt and step < total:
+            ckpt.wait()
+            log.warning("stopping at step %d (preemption); checkpoint saved", step)
+            return {"preempted": True, "step": step, **result}
+    drain()
+    if ckpt.latest_step() != step:
+        save(step)
+    final = run_eval(step)
+    ckpt.wait()
+    if is_main:
+        (workdir / "eval_results.json").write_text(json.dumps({"step": step, **final}, indent=1))
+    return {"preempted": False, "step": step, "eval": final, **result}
