@@ -3,6 +3,9 @@
     python train.py --config configs/tiny.py --workdir /tmp/tiny
     python train.py --config configs/tiny.py:rule=delta --workdir /tmp/d --config.train.steps=50
 
+Prove a config fits a TPU pod from a CPU host (ahead-of-time compile with libtpu, `pip install -e ".[tpu]"`):
+    python train.py --config configs/passkey_1b.py --compile_only --topology v5p-8
+
 Re-running on an existing workdir resumes from its latest checkpoint. SIGTERM saves and exits cleanly.
 
 Multi-process (one process per host): pass --multihost on TPU pods / SLURM (JAX finds the coordinator), or
@@ -23,13 +26,27 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", None, "This process's id (multi-process).")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar (process 0).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("compile_only", False, "Compile the real train step for --topology ahead of time, print "
+                  "per-chip memory and FLOPs, and exit (no training; needs libtpu).")
+flags.DEFINE_string("topology", "v5e-8", "TPU topology for --compile_only, e.g. v5e-16, v5p-8, v5p-128.")
+flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.compile_only:
+        from infini_jax import aot
+
+        try:
+            print(aot.format_report(aot.compile_for_topology(FLAGS.config, FLAGS.topology)))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        return
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required (unless --compile_only)")
     from infini_jax import sharding
     from infini_jax.train import NonFiniteLossError, train_and_evaluate
 

@@ -48,7 +48,7 @@ def get_config(arg=None):
                            max_document_tokens=(n_segments - 1) * SEGMENT_LEN)
     config.train = dict(
         steps=30_000 if pretrain else 1000, batch_size=64, seed=0, log_every=50, eval_every=2000 if pretrain else 200,
-        eval_batches=8, ckpt_every=1000 if pretrain else 200, keep_checkpoints=2,
+        eval_batches=8, ckpt_every=1000 if pretrain else 200, keep_checkpoints=2, init_from="",
     )
     config.optim = dict(
         name="adamw", lr=1e-4 if pretrain else 2e-5, gate_lr=1e-2, warmup_steps=1000 if pretrain else 50,

@@ -7,9 +7,11 @@ inputs. Which 1B model is not said. Two open shapes are offered (arg `arch`):
   arch=llama (default)  Llama-3.2-1B: 16 layers, d_model 2048, 32 heads × 64, 8 KV heads (GQA), gated SiLU
                         FFN 8192, vocab 128,256, tied embeddings, RoPE base 500,000.
                         1,235,814,400 parameters (+512 gate scalars): the published 1.24B. Chosen as the
-                        default because it IS ~1B and its weights are public (infini_jax/convert imports them).
+                        default because it IS ~1B and its weights are public (a Hugging Face importer is
+                        planned; until then train.init_from takes an infini-jax checkpoint).
                         Llama-3's tokenizer is tiktoken BPE, not SentencePiece: data.tokenizer must point at a
-                        loader for it (see the report: the data module reads 'byte' or SentencePiece only).
+                        loader for it (infini_jax.data reads 'byte' or SentencePiece; a tiktoken loader comes with
+                        the Hugging Face import).
   arch=gemma            Gemma-2B: 18 layers, d_model 2048, 8 heads × 256, multi-query (1 KV head), gated GeLU
                         FFN 16,384, vocab 256,000, tied, embeddings × sqrt(d_model). 2,506,172,416 parameters:
                         "Gemma-2B" is 2.5B with its 256K vocabulary (0.52B of it embeddings), so it is NOT the
@@ -18,11 +20,11 @@ inputs. Which 1B model is not said. Two open shapes are offered (arg `arch`):
 Stages (arg `stage`):
   pretrain  inputs 4096 = 2 segments of 2048, 30K steps, batch 64, AdamW lr 1e-4; data.name 'text': a folder of
             documents longer than 4K tokens (PG19, Arxiv-math, C4 in the paper). Start from the imported
-            weights (infini_jax.checkpoint.restore_params; a config.train.init_from key is not wired yet).
+            weights with --config.train.init_from=<checkpoint> (params only, fresh optimizer).
   finetune  passkey inputs of 3 segments = 6144 tokens (the paper's "5K" is 2.5 segments of 2048; inputs must
             be whole segments, so examples are drawn 5120..6145 tokens long and right-padded with loss_mask 0
             to 6144), 400 steps, batch 64, lr 1e-4, loss on the answer tokens only; starts from the
-            pretrain checkpoint's parameters.
+            pretrain checkpoint's parameters (--config.train.init_from=<pretrain workdir>).
 Other args: rule=linear|delta, attention=infini|xl|local|full, mode=scan|parallel.
 
     python train.py --config configs/passkey_1b.py:stage=pretrain,rule=delta --config.data.data_dir=... \
@@ -69,7 +71,7 @@ def get_config(arg=None):
     config.train = dict(
         steps=30_000 if pretrain else 400, batch_size=64, seed=0, log_every=50 if pretrain else 10,
         eval_every=2000 if pretrain else 100, eval_batches=8, ckpt_every=1000 if pretrain else 200,
-        keep_checkpoints=2,
+        keep_checkpoints=2, init_from="",
     )
     config.optim = dict(
         name="adamw", lr=1e-4, gate_lr=1e-2, warmup_steps=1000 if pretrain else 40, schedule="cosine",

@@ -37,11 +37,12 @@ def get_config(arg=None):
     config.data = dict(name="pg19", tokenizer="", data_dir="", seed=0)
     config.train = dict(
         steps=100_000, batch_size=64, seed=0, log_every=100, eval_every=5000, eval_batches=32,
-        ckpt_every=1000, keep_checkpoints=3,
+        ckpt_every=1000, keep_checkpoints=3, init_from="",
     )
     config.optim = dict(
         name="adafactor", lr=0.01, gate_lr=0.01, warmup_steps=1000, schedule="cosine", min_lr_ratio=0.0,
-        weight_decay=0.0, clip_norm=1.0, grad_accum=1, b1=0.0, b2=0.99,  # b1=0: no first moment
+        weight_decay=0.0, clip_norm=1.0, grad_accum=1, b1=0.0,  # b1=0: no first moment
+        adafactor_decay_rate=0.8,  # second-moment decay t^-0.8 (Adafactor default; b2 is AdamW-only)
     )
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.lock()

@@ -31,7 +31,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Optional
+from typing import Optional
 
 # Before libtpu is loaded: no metadata-server lookups on a non-TPU host, and do not fail when another
 # process (e.g. a test run probing for TPUs) holds /tmp/libtpu_lockfile; AOT compiles use no device.
@@ -40,7 +40,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 GiB = 1024 ** 3
 # HBM per chip (Cloud TPU system architecture pages).

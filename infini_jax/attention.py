@@ -168,14 +168,37 @@ def _softmax_attention(q_bnhk, k_bmhk, v_bmhv, mask_bnm) -> jax.Array:
     return jnp.einsum("bhnm,bmhv->bnhv", probs_bhnm, v_bmhv.astype(jnp.float32))
 
 
-def local_attention(q_bnhk, k_bnhk, v_bnhv, *, rope_base: Optional[float] = None) -> jax.Array:
-    """Causal softmax attention inside one segment (eq. 6), float32 output [B, N, H, d_value]."""
+QUERY_BLOCK = 512  # local attention handles queries this many at a time when the segment is longer
+
+
+def local_attention(q_bnhk, k_bnhk, v_bnhv, *, rope_base: Optional[float] = None,
+                    query_block: int = QUERY_BLOCK) -> jax.Array:
+    """Causal softmax attention inside one segment (eq. 6), float32 output [B, N, H, d_value].
+
+    Segments longer than `query_block` (the paper's are 2048) are processed one block of queries at a time
+    under `jax.checkpoint`, so the [B, H, N, N] scores never exist whole: at most [B, H, query_block, N].
+    """
     n = q_bnhk.shape[1]
     if rope_base is not None:
         pos_n = jnp.arange(n)
         q_bnhk, k_bnhk = apply_rope(q_bnhk, pos_n, rope_base), apply_rope(k_bnhk, pos_n, rope_base)
-    causal_1nn = jnp.tril(jnp.ones((n, n), bool))[None]
-    return _softmax_attention(q_bnhk, k_bnhk, v_bnhv, causal_1nn)
+    if n <= query_block or n % query_block:
+        causal_1nn = jnp.tril(jnp.ones((n, n), bool))[None]
+        return _softmax_attention(q_bnhk, k_bnhk, v_bnhv, causal_1nn)
+    b, _, h, d_key = q_bnhk.shape
+    n_blocks = n // query_block
+    # [B, N, H, K] -> [n_blocks, B, query_block, H, K]
+    q_xbqhk = q_bnhk.reshape(b, n_blocks, query_block, h, d_key).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_block(args):
+        i, q_bqhk = args
+        pos_q = i * query_block + jnp.arange(query_block)
+        mask_1qn = (pos_q[:, None] >= jnp.arange(n)[None, :])[None]
+        return _softmax_attention(q_bqhk, k_bnhk, v_bnhv, mask_1qn)
+
+    out_xbqhv = jax.lax.map(one_block, (jnp.arange(n_blocks), q_xbqhk))
+    return out_xbqhv.swapaxes(0, 1).reshape(b, n, h, -1)
 
 
 def _read(M_bhkv, z_bhk, sq_bnhk) -> jax.Array:

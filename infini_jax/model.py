@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infini_jax import attention as attn
+from infini_jax.axes import constrain
 
 ATTENTIONS = ("infini", "xl", "local", "full")
 MLPS = ("gated", "plain")
@@ -218,8 +219,8 @@ class InfiniTransformer(nnx.Module):
             make = lambda: ()  # noqa: E731
         return tuple(make() for _ in range(cfg.num_layers))
 
-    def __call__(self, tokens_bl, state: Optional[tuple] = None, reset_b=None):
-        """tokens [B, L] int → (logits [B, L, vocab] float32, new per-layer state)."""
+    def hidden(self, tokens_bl, state: Optional[tuple] = None, reset_b=None):
+        """tokens [B, L] int → (final-normed hidden states [B, L, D], new per-layer state)."""
         cfg = self.cfg
         if jnp.ndim(tokens_bl) != 2:
             raise ValueError(f"tokens must have shape [batch, length], got {jnp.shape(tokens_bl)}")
@@ -243,13 +244,33 @@ class InfiniTransformer(nnx.Module):
         forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
         new_state = []
         for block, layer_state in zip(self.blocks, state):
+            x_bld = constrain(x_bld, ACT_AXES)
             x_bld, layer_state = forward(block, x_bld, layer_state, reset_b)
             new_state.append(layer_state)
-        x_bld = self.final_norm(x_bld)
-        unembed_dv = self.embed_vd[...].T if cfg.tie_embeddings else self.unembed_dv[...]
-        # [B, L, D] x [D, V] -> [B, L, V], accumulated in float32
-        logits_blv = jnp.einsum("bld,dv->blv", x_bld, unembed_dv.astype(dt), preferred_element_type=jnp.float32)
-        return logits_blv, tuple(new_state)
+        return constrain(self.final_norm(x_bld), ACT_AXES), tuple(new_state)
+
+    def output_embedding(self) -> jax.Array:
+        """The unembedding matrix [D, V] (the transposed input embedding when tied)."""
+        return self.embed_vd[...].T if self.cfg.tie_embeddings else self.unembed_dv[...]
+
+    def __call__(self, tokens_bl, state: Optional[tuple] = None, reset_b=None):
+        """tokens [B, L] int → (logits [B, L, vocab] float32, new per-layer state)."""
+        x_bld, new_state = self.hidden(tokens_bl, state, reset_b)
+        return logits_from_hidden(x_bld, self.output_embedding(), self.cfg.dtype), new_state
+
+
+ACT_AXES = ("batch", "length", "act_embed")
+
+
+def logits_from_hidden(x_bld: jax.Array, w_dv: jax.Array, dtype: str) -> jax.Array:
+    """[B, L, D] x [D, V] -> [B, L, V] logits, computed in `dtype` and accumulated in float32.
+
+    A function of its own so that the loss can apply it chunk by chunk (train.py never builds the whole
+    [B, L, V] logits of a long input).
+    """
+    dt = jnp.dtype(dtype)
+    logits_blv = jnp.einsum("bld,dv->blv", x_bld.astype(dt), w_dv.astype(dt), preferred_element_type=jnp.float32)
+    return constrain(logits_blv, ("batch", "length", "vocab"))
 
 
 def gate_values(model: InfiniTransformer) -> jax.Array:

@@ -27,24 +27,11 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from infini_jax import attention as attn
+from infini_jax.axes import RULES, _axis_size, _present, logical_to_spec  # noqa: F401  (the one rules table)
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 REQUIRED_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-# logical axis -> mesh axis / tuple of mesh axes / None (replicated)
-RULES: dict[str, Any] = {
-    "batch": BATCH_AXES,
-    "length": None,  # later: "context"
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "key": None,
-    "value": None,
-}
 
 log = logging.getLogger(__name__)
 
@@ -85,49 +72,6 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Optional[Sequence[jax.Device
     except Exception:  # device objects without a physical topology (e.g. some AOT topologies)
         arr = np.asarray(devices, dtype=object).reshape(tuple(sizes.values()))
         return Mesh(arr, names, axis_types=(AxisType.Auto,) * len(names))
-
-
-def _axis_size(mesh: Mesh, axes) -> int:
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def _present(mesh: Mesh, axes):
-    """Drops mesh axes the mesh does not have (e.g. "context"); None when nothing is left."""
-    if axes is None:
-        return None
-    tup = (axes,) if isinstance(axes, str) else tuple(axes)
-    tup = tuple(a for a in tup if a in mesh.shape)
-    if not tup:
-        return None
-    return tup[0] if len(tup) == 1 else tup
-
-
-def logical_to_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Any] = RULES, *, name: str = "") -> P:
-    """PartitionSpec for one array: its logical axis names mapped through `rules`.
-
-    A dimension whose size does not divide its mesh axes is replicated (logged once); a mesh axis already
-    used by an earlier dimension is not reused.
-    """
-    if len(logical) != len(shape):
-        raise ValueError(f"{name}: {len(logical)} logical axes {tuple(logical)} for shape {tuple(shape)}")
-    used: set[str] = set()
-    spec = []
-    for ax, size in zip(logical, shape):
-        if ax is not None and ax not in rules:
-            raise ValueError(f"{name}: logical axis {ax!r} has no sharding rule; known: {sorted(rules)}")
-        mesh_ax = _present(mesh, rules.get(ax)) if ax is not None else None
-        tup = () if mesh_ax is None else ((mesh_ax,) if isinstance(mesh_ax, str) else mesh_ax)
-        if tup and (used & set(tup)):
-            mesh_ax, tup = None, ()
-        if tup and size % _axis_size(mesh, tup):
-            log.info("sharding: %s dim %s=%d not divisible by mesh %s=%d; replicated", name, ax, size,
-                         tup, _axis_size(mesh, tup))
-            mesh_ax, tup = None, ()
-        used |= set(tup)
-        spec.append(mesh_ax)
-    return P(*spec)
 
 
 def _is_var(x) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import numpy as np
 
 from infini_jax.data.booksum import DEFAULT_SEPARATOR, BookSumSource, booksum_prompt, rouge_scores
 from infini_jax.generate import generate

@@ -37,7 +37,7 @@ from flax import nnx
 from infini_jax import checkpoint as ckpt_lib
 from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
-from infini_jax.model import InfiniTransformer, ModelConfig
+from infini_jax.model import InfiniTransformer, ModelConfig, logits_from_hidden
 
 # Every config.train key and its default (a key not listed here is an error).
 TRAIN_DEFAULTS: dict[str, Any] = dict(
@@ -135,16 +135,49 @@ def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init:
 
 # --------------------------------------------------------------------------- steps
 
+LOSS_CHUNK_TOKENS = 512  # logits are built this many positions at a time (B_local x 512 x vocab floats)
+
+
+def _loss_chunk(length: int, segment_len: int) -> int:
+    for c in (LOSS_CHUNK_TOKENS, segment_len):
+        if length % c == 0 and c <= length:
+            return c
+    return length
+
+
 def _token_sums(graphdef, params, batch, memory=None):
-    """Σ masked NLL, Σ mask, Σ masked correct, #rows fully correct (rows with mask), new memory."""
+    """Σ masked NLL, Σ mask, Σ masked correct, #rows fully correct (rows with mask), new memory.
+
+    The logits are computed LOSS_CHUNK_TOKENS positions at a time under `jax.checkpoint` inside a scan, so
+    neither the forward nor the backward pass ever holds the whole [B, L, vocab] logits (at 32K tokens and a
+    128K vocabulary that tensor alone would be terabytes across a pod).
+    """
     model = nnx.merge(graphdef, params)
-    logits_blv, memory = model(batch["tokens"], memory, batch["reset"])
+    x_bld, memory = model.hidden(batch["tokens"], memory, batch["reset"])
+    w_dv, dtype = model.output_embedding(), model.cfg.dtype
+    b, l, _ = x_bld.shape
+    chunk = _loss_chunk(l, model.cfg.segment_len)
+    n_chunks = l // chunk
+
+    def to_chunks(a):  # [B, L, ...] -> [n_chunks, B, chunk, ...]
+        return a.reshape((b, n_chunks, chunk) + a.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        x_bcd, targets_bc, mask_bc = xs
+        logits_bcv = logits_from_hidden(x_bcd, w_dv, dtype)
+        nll_bc = optax.softmax_cross_entropy_with_integer_labels(logits_bcv, targets_bc)
+        correct_bc = (jnp.argmax(logits_bcv, -1) == targets_bc).astype(jnp.float32)
+        wrong_b = jnp.sum((1.0 - correct_bc) * mask_bc, axis=-1)
+        return jax.tree.map(jnp.add, carry, (jnp.sum(nll_bc * mask_bc), jnp.sum(correct_bc * mask_bc), wrong_b)), None
+
     mask_bl = batch["loss_mask"].astype(jnp.float32)
-    nll_bl = optax.softmax_cross_entropy_with_integer_labels(logits_blv, batch["targets"])
-    correct_bl = (jnp.argmax(logits_blv, -1) == batch["targets"]).astype(jnp.float32)
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((b,), jnp.float32))
+    (nll, correct, wrong_b), _ = jax.lax.scan(
+        body, zero, (to_chunks(x_bld), to_chunks(batch["targets"]), to_chunks(mask_bl)))
     row_has = mask_bl.sum(-1) > 0
-    row_ok = jnp.all((correct_bl > 0) | (mask_bl == 0), axis=-1) & row_has
-    sums = {"nll": jnp.sum(nll_bl * mask_bl), "tokens": jnp.sum(mask_bl), "correct": jnp.sum(correct_bl * mask_bl),
+    row_ok = (wrong_b == 0) & row_has
+    sums = {"nll": nll, "tokens": jnp.sum(mask_bl), "correct": correct,
             "rows_correct": jnp.sum(row_ok.astype(jnp.float32)), "rows": jnp.sum(row_has.astype(jnp.float32))}
     return sums, memory
 
@@ -163,6 +196,10 @@ def make_train_step(graphdef, tx, lr_fn: Callable, *, mesh, state_shardings, gra
         return sums, grads
 
     def train_step(state: TrainState, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # model.py pins activations to it
+            return _train_step(state, batch)
+
+    def _train_step(state: TrainState, batch):
         if grad_accum == 1:
             sums, grads = sums_and_grads(state.params, batch)
         else:
@@ -208,7 +245,8 @@ def make_eval_step(graphdef, *, mesh, param_shardings, memory_shardings):
     batch_sh = shd.batch_sharding(mesh, 2)
 
     def eval_step(params, memory, batch):
-        return _token_sums(graphdef, params, batch, memory)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _token_sums(graphdef, params, batch, memory)
 
     return jax.jit(eval_step, in_shardings=(param_shardings, memory_shardings, batch_sh),
                    out_shardings=(shd.replicated(mesh), memory_shardings), donate_argnums=(1,))
