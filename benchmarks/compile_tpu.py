@@ -30,6 +30,8 @@ ROWS = [
     ("lm", "paper LM, PG19 (linear)", "configs/pg19.py:rule=linear", "v5e-32", []),
     ("lm-delta", "paper LM, PG19 (delta)", "configs/pg19.py:rule=delta", "v5e-32", []),
     ("1b-v5e", "1B passkey, pretrain 4K", "configs/passkey_1b.py:stage=pretrain", "v5e-16", []),
+    ("1b-v5e-accum2", "1B passkey, pretrain 4K, 2 microbatches", "configs/passkey_1b.py:stage=pretrain", "v5e-16",
+     ["optim.grad_accum=2"]),
     ("1b-v5p", "1B passkey, pretrain 4K", "configs/passkey_1b.py:stage=pretrain", "v5p-8", []),
     ("1b-ft", "1B passkey, fine-tune 6K", "configs/passkey_1b.py:stage=finetune,rule=delta", "v5p-8", []),
     ("8b", "8B BookSum, fine-tune 32K", "configs/booksum_8b.py:stage=finetune", "v5p-128", []),

@@ -7,7 +7,6 @@ checked in a second on a laptop.
 import importlib.util
 from pathlib import Path
 
-import jax
 import pytest
 from flax import nnx
 

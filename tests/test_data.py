@@ -2,20 +2,17 @@
 
 import importlib.util
 import json
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
+from _shared import CORPUS, needs_corpus, mistral_model  # noqa: F401
 
 from infini_jax.data import (ByteTokenizer, DirectorySource, PasskeyIterator, PasskeyStream, WindowIterator,
                              booksum_example, build_pg19, iter_example_windows, load_tokenizer, make_iterator,
                              make_passkey_example, passkey_text, rouge_scores, text_example)
 from infini_jax.data.passkey import FILLER, INTRO, QUESTION
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-CORPUS = SHARED / "corpus"
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"shared corpus {CORPUS} absent")
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 needs_tf = pytest.mark.skipif(not HAS_TF, reason="tensorflow not installed (needed once to build pg19)")
 TOK = ByteTokenizer()
@@ -416,17 +413,11 @@ def test_load_tokenizer_from_config_field():
     assert isinstance(load_tokenizer(_cfg(tokenizer="byte").tokenizer), ByteTokenizer)
 
 
-def _mistral_model():
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
-    return path if path.is_file() else None
 
 
-@pytest.mark.skipif(_mistral_model() is None, reason="mistral-common (ships a SentencePiece model) not installed")
+@pytest.mark.skipif(mistral_model() is None, reason="mistral-common (ships a SentencePiece model) not installed")
 def test_sentencepiece_passkey_and_windows(tmp_path):
-    tok = load_tokenizer(str(_mistral_model()))
+    tok = load_tokenizer(str(mistral_model()))
     for depth in (0.0, 0.5, 1.0):
         ex = make_passkey_example(tok, 500, depth, passkey="9054")
         prompt, answer = passkey_text(ex.n_filler, depth, "9054")
@@ -434,7 +425,7 @@ def test_sentencepiece_passkey_and_windows(tmp_path):
         assert ex.tokens[1:].tolist() == tok.encode(prompt + answer)
         assert len(ex.tokens) <= 500 and ex.tokens[0] == tok.bos_id
     (tmp_path / "d.txt").write_text("Some text to window. " * 30)
-    cfg = _cfg(name="text", data_dir=str(tmp_path), tokenizer=str(_mistral_model()))
+    cfg = _cfg(name="text", data_dir=str(tmp_path), tokenizer=str(mistral_model()))
     batches = list(make_iterator(cfg, seq_len=32, batch_size=1, split="train", train=False))
     tgts = np.concatenate([b["targets"][0][b["loss_mask"][0] > 0] for b in batches])
     assert tgts.tolist() == tok.encode("Some text to window. " * 30) + [tok.eos_id]

@@ -1,33 +1,22 @@
 """Tokenizers: byte tokenizer, SentencePiece loading, `python -m infini_jax.tokenizer train`."""
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _shared import CORPUS, REPO, mistral_model, needs_corpus  # noqa: F401
 
 from infini_jax.data import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 from infini_jax.tokenizer import main as tokenizer_main
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CORPUS = SHARED / "corpus"
 
 
-def _mistral_model():
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
-    return path if path.is_file() else None
 
 
-MISTRAL = _mistral_model()
+MISTRAL = mistral_model()
 needs_mistral = pytest.mark.skipif(MISTRAL is None, reason="mistral-common (ships a SentencePiece model) not installed")
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"shared corpus {CORPUS} absent")
 
 
 def test_byte_tokenizer_ids_and_roundtrip():
