@@ -27,6 +27,8 @@ booksum    data_dir (required: a .jsonl file, or folder of them as for 'text'), 
 
 from __future__ import annotations
 
+import grain
+
 from infini_jax.data.booksum import BookSumSource, booksum_example, booksum_prompt, rouge_scores
 from infini_jax.data.documents import DirectorySource, DocumentSource, PG19Source, build_pg19
 from infini_jax.data.passkey import (PasskeyExample, PasskeyIterator, PasskeyStream, make_passkey_example,
@@ -103,21 +105,24 @@ def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, proces
     if name == "text":
         source = DirectorySource(data_dir, split, text_field=_get(data_cfg, "text_field", "text"),
                                  extensions=tuple(_get(data_cfg, "extensions", (".txt", ".tex", ".md", ".jsonl"))))
-        n_docs, example_fn = len(source), (lambda i: text_example(tokenizer, source[i][1]))
     elif name == "pg19":
-        source = PG19Source(data_dir, split)
-        n_docs, example_fn = len(source), (lambda i: text_example(tokenizer, source[i][1]))
+        source = PG19Source(data_dir, split)  # tfds.data_source: ArrayRecord, random access, no TensorFlow
+    if name in ("text", "pg19"):
+        def to_example(record):
+            return text_example(tokenizer, record[1])
     else:  # booksum
         source = BookSumSource(data_dir, split, document_field=_get(data_cfg, "document_field", "document"),
                                summary_field=_get(data_cfg, "summary_field", "summary"))
         separator = _get(data_cfg, "separator", "\n\nSummary:\n")
         max_doc = _get(data_cfg, "max_document_tokens", None)
 
-        def example_fn(i):
-            _, document, summary = source[i]
+        def to_example(record):
+            _, document, summary = record
             return booksum_example(tokenizer, document, summary, separator=separator, max_document_tokens=max_doc)
 
-        n_docs = len(source)
+    # documents -> tokens as a Grain MapDataset: random access by document index, tokenized lazily
+    docs = grain.MapDataset.source(source).map(to_example)
+    n_docs, example_fn = len(docs), docs.__getitem__
     return WindowIterator(n_docs, example_fn, seq_len=seq_len, batch_size=local_batch, pad_id=tokenizer.pad_id,
                           train=train, seed=seed, process_index=process_index, process_count=process_count,
                           num_batches=None if num_batches is None else int(num_batches))

@@ -13,7 +13,8 @@ document from the host's queue. Documents are split between hosts by position: h
 - eval (train=False): order 0..n-1, every document once; rows without a document emit padding (loss_mask 0,
   reset True); the iterator stops when every row is idle. For multi-host eval set num_batches so that all
   hosts take the same number of steps (padding after exhaustion; stops after num_batches).
-- train (train=True): infinite; epoch e uses permutation default_rng([seed, e]) of all documents.
+- train (train=True): infinite; epoch e reads the documents in the order of Grain's seeded shuffle
+  (`grain.MapDataset.range(n).shuffle(seed).repeat()`, a fresh permutation every epoch).
 get_state() is a small JSON-able dict (epoch, queue cursor, per-row document and window); set_state() resumes
 exactly (documents are re-tokenized on demand, which is deterministic).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import grain
 import numpy as np
 
 Example = tuple[np.ndarray, np.ndarray]  # (seq int32 [T], score float32 [T])
@@ -65,7 +67,11 @@ def iter_example_windows(example: Example, L: int, pad_id: int):
 def host_documents(n_docs: int, *, train: bool, seed: int, epoch: int, process_index: int,
                    process_count: int) -> np.ndarray:
     """The document indices host process_index reads in the given epoch, in order."""
-    order = np.random.default_rng([seed, epoch]).permutation(n_docs) if train else np.arange(n_docs)
+    if train:  # Grain's index shuffle: a new permutation for each epoch of the repeated range
+        epochs = grain.MapDataset.range(n_docs).shuffle(seed=seed).repeat(epoch + 1)
+        order = np.asarray(list(epochs[epoch * n_docs:(epoch + 1) * n_docs]), np.int64)
+    else:
+        order = np.arange(n_docs)
     return order[process_index::process_count]
 
 
