@@ -39,6 +39,15 @@ def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> ml_collections.Co
     return ml_collections.ConfigDict(out)
 
 
+def with_defaults(section: str, cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
+    """A config section as a dict with `defaults` filled in; a key `defaults` lacks is an error."""
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    unknown = sorted(set(d) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown config.{section} keys {unknown}; valid keys: {sorted(defaults)}")
+    return {**defaults, **d}
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The frozen ModelConfig of an experiment config (validates every model field)."""
     return ModelConfig.from_dict(config.model)

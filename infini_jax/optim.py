@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from infini_jax.config import with_defaults
+
 # Every config.optim key and its default (a key not listed here is an error).
 DEFAULTS: dict[str, Any] = dict(
     name="adamw",  # 'adamw' | 'adafactor'
@@ -51,11 +53,7 @@ GATE_SUFFIX = "gate_logit"
 
 def optim_config(cfg: Mapping[str, Any]) -> dict:
     """config.optim with defaults filled in; unknown keys and bad values are ValueErrors."""
-    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    unknown = sorted(set(d) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config.optim keys {unknown}; valid keys: {sorted(DEFAULTS)}")
-    out = {**DEFAULTS, **d}
+    out = with_defaults("optim", cfg, DEFAULTS)
     if out["name"] not in NAMES:
         raise ValueError(f"config.optim.name={out['name']!r}: use one of {NAMES}")
     if out["schedule"] not in SCHEDULES:

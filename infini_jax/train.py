@@ -35,6 +35,7 @@ import optax
 from flax import nnx
 
 from infini_jax import checkpoint as ckpt_lib
+from infini_jax.config import with_defaults
 from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
 from infini_jax.model import InfiniTransformer, ModelConfig, logits_from_hidden
@@ -65,11 +66,7 @@ class TrainState:
 # --------------------------------------------------------------------------- config
 
 def train_config(cfg: Mapping[str, Any]) -> dict:
-    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-    unknown = sorted(set(d) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config.train keys {unknown}; valid keys: {sorted(TRAIN_DEFAULTS)}")
-    out = {**TRAIN_DEFAULTS, **d}
+    out = with_defaults("train", cfg, TRAIN_DEFAULTS)
     for k in ("steps", "batch_size"):
         if int(out[k]) < 1:
             raise ValueError(f"config.train.{k} must be >= 1, got {out[k]}")
@@ -337,7 +334,7 @@ def train_and_evaluate(config, workdir: str | Path, *, progress: bool = True, st
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     mesh = shd.make_mesh(config.mesh)
-    bs, accum, total = int(train["batch_size"]), int(optim["grad_accum"]), int(train["steps"])
+    bs, accum = int(train["batch_size"]), int(optim["grad_accum"])
     check_mesh(mesh, model_cfg, bs, accum)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=train["keep_checkpoints"], async_save=train["async_checkpoints"])
     prev_handler = None
