@@ -178,26 +178,24 @@ def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict:
     return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
-def memory_shardings(mesh: Mesh, state_tree):
-    """Shardings of the per-layer recurrent state (model.init_state): MemoryState M [B,H,K,V], z [B,H,K]
-    and XLCache k/v [B,N,H,K], valid [B]: rows over the batch axes, heads over tensor."""
-    b_ax, h_ax = _present(mesh, RULES["batch"]), _present(mesh, RULES["heads"])
+# Logical axes of the recurrent state (model.init_state), mapped through the same RULES as the params.
+MEMORY_AXES = attn.MemoryState(M=("batch", "heads", "key", "value"), z=("batch", "heads", "key"))
+XL_CACHE_AXES = attn.XLCache(k=("batch", "length", "heads", "head_dim"), v=("batch", "length", "heads", "head_dim"),
+                             valid=("batch",))
 
-    def spec_for(x, head_dim_index):
-        shape = x.shape
-        spec = [None] * len(shape)
-        if shape and shape[0] % _axis_size(mesh, b_ax) == 0:
-            spec[0] = b_ax
-        if head_dim_index is not None and h_ax and shape[head_dim_index] % _axis_size(mesh, h_ax) == 0:
-            spec[head_dim_index] = h_ax
-        return NamedSharding(mesh, P(*spec))
+
+def memory_shardings(mesh: Mesh, state_tree):
+    """Shardings of the per-layer recurrent state: MemoryState M [B,H,K,V], z [B,H,K] and XLCache k/v
+    [B,N,H,K], valid [B]: rows over the batch axes, heads over tensor (RULES)."""
+    def spec(x, logical):
+        return NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, name="memory"))
 
     def layer(s):
         if isinstance(s, attn.MemoryState):
-            return attn.MemoryState(M=spec_for(s.M, 1), z=spec_for(s.z, 1))
+            return attn.MemoryState(*(spec(x, ax) for x, ax in zip(s, MEMORY_AXES)))
         if isinstance(s, attn.XLCache):
-            return attn.XLCache(k=spec_for(s.k, 2), v=spec_for(s.v, 2), valid=spec_for(s.valid, None))
-        return jax.tree.map(lambda x: spec_for(x, None), s)
+            return attn.XLCache(*(spec(x, ax) for x, ax in zip(s, XL_CACHE_AXES)))
+        return jax.tree.map(lambda x: spec(x, ("batch",) + (None,) * (x.ndim - 1)), s)
 
     return tuple(layer(s) for s in state_tree)
 

@@ -108,6 +108,10 @@ def test_memory_shardings_and_global_batch():
     msh = shd.memory_shardings(mesh, mem)
     assert msh[0].M.spec == P(("data", "fsdp"), "tensor", None, None)
     assert msh[0].z.spec == P(("data", "fsdp"), "tensor", None)
+    xl = jax.eval_shape(lambda: _abstract(_cfg(attention="xl")).init_state(8))
+    xsh = shd.memory_shardings(mesh, xl)
+    assert xsh[0].k.spec == P(("data", "fsdp"), None, "tensor", None)
+    assert xsh[0].valid.spec == P(("data", "fsdp"))
     local = {"tokens": np.zeros((8, 16), np.int32), "reset": np.ones((8,), bool)}
     gb = shd.global_batch(local, mesh)
     assert gb["tokens"].shape == (8, 16) and gb["reset"].shape == (8,)
