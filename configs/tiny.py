@@ -22,7 +22,7 @@ def get_config(arg=None):
         gate_init=0.0, norm_eps=1e-6, dtype="float32", param_dtype="float32", remat=False, init_std=0.02,
     )
     config.data = dict(
-        name="passkey", tokenizer="byte", seed=0,
+        name="passkey", tokenizer="byte", seed=0, data_dir="",  # data_dir: for name=text|pg19|booksum
         passkey_digits=5, passkey_depth_min=0.0, passkey_depth_max=1.0, passkey_loss_on_all=True,
     )
     config.train = dict(
