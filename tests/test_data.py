@@ -439,3 +439,17 @@ def test_unknown_data_config_key_is_an_error():
     cfg = ml_collections.ConfigDict(dict(name="passkey", tokenizer="byte", seed=0, passkey_digit=5))
     with pytest.raises(ValueError, match="passkey_digit"):
         make_iterator(cfg, seq_len=512, batch_size=2, split="train")
+
+
+def test_switching_source_keeps_other_sources_keys(tmp_path):
+    """--config.data.name=text on a passkey config: the passkey_* keys are tolerated, the text is read."""
+    import ml_collections
+
+    from infini_jax.data import make_iterator
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.txt").write_text("hello world " * 40, encoding="utf-8")
+    cfg = ml_collections.ConfigDict(dict(name="text", tokenizer="byte", seed=0, data_dir=str(tmp_path),
+                                         passkey_digits=5, passkey_loss_on_all=True))
+    batch = next(make_iterator(cfg, seq_len=64, batch_size=2, split="train"))
+    assert batch["tokens"].shape == (2, 64) and batch["loss_mask"].sum() > 0
