@@ -92,6 +92,17 @@ def validate_config(config, *, process_count: Optional[int] = None) -> tuple[Mod
     return model_cfg, train, optim
 
 
+def check_tokenizer(config, model_cfg: ModelConfig) -> None:
+    """The tokenizer's vocabulary must be the model's: ids past the embedding table would be silently clamped."""
+    from infini_jax.data import load_tokenizer
+
+    tok = load_tokenizer(config.data.get("tokenizer", "byte"))
+    if tok.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"config.data.tokenizer {config.data.get('tokenizer')!r} has {tok.vocab_size} tokens but "
+                         f"config.model.vocab_size is {model_cfg.vocab_size}: set --config.model.vocab_size="
+                         f"{tok.vocab_size} (or point data.tokenizer at the model's tokenizer)")
+
+
 def check_mesh(mesh, model_cfg: ModelConfig, batch_size: int, grad_accum: int = 1) -> None:
     shd.check_divisibility(mesh, num_heads=model_cfg.num_heads, batch_size=batch_size)
     if grad_accum > 1:
@@ -330,6 +341,8 @@ def train_and_evaluate(config, workdir: str | Path, *, progress: bool = True, st
     without saving. `make_iterator` defaults to infini_jax.data.make_iterator.
     """
     model_cfg, train, optim = validate_config(config)
+    if make_iterator is None:  # the real pipeline: its tokenizer must fit the embedding table
+        check_tokenizer(config, model_cfg)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0

@@ -137,6 +137,12 @@ def test_config_errors_before_compiling(tmp_path):
     c.optim.grad_accum = 2
     with pytest.raises(ValueError, match="microbatch"):
         T.train_and_evaluate(c, tmp_path / "c", progress=False, make_iterator=never)
+    c = _config()  # the real data pipeline (no make_iterator): byte tokens, 259 of them
+    with c.unlocked():
+        c.data = dict(name="passkey", tokenizer="byte")
+    with pytest.raises(ValueError, match="259 tokens but config.model.vocab_size is 64"):
+        T.train_and_evaluate(c, tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()
 
 
 def test_bf16_compute_f32_params_with_adafactor(single_device):
