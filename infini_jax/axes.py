@@ -20,6 +20,7 @@ BATCH_AXES = ("data", "fsdp")
 # logical axis -> mesh axis / tuple of mesh axes / None (replicated)
 RULES: dict[str, Any] = {
     "batch": BATCH_AXES,
+    "layers": None,  # the stacked-layers axis (model.scan_layers): every device holds every layer's slice
     "length": None,  # later: "context"
     "vocab": "tensor",
     "embed": "fsdp",  # parameters: FSDP shards the model dimension of every weight

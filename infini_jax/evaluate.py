@@ -202,7 +202,7 @@ def knockout_model(model: InfiniTransformer) -> InfiniTransformer:
     if model.cfg.attention != "infini":
         raise ValueError(f"memory knock-out needs attention='infini', the model has {model.cfg.attention!r}")
     ko = nnx.clone(model)
-    for block in ko.blocks:
+    for block in ([ko.blocks] if model.cfg.scan_layers else ko.blocks):  # stacked: gate_logit [layers, heads]
         block.attn.gate_logit[...] = jnp.full_like(block.attn.gate_logit[...], KNOCKOUT_GATE_LOGIT)
     return ko
 

@@ -59,6 +59,7 @@ class ModelConfig:
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"
     remat: bool = True  # jax.checkpoint around each block
+    scan_layers: bool = False  # stack the blocks' params [layers, ...] and jax.lax.scan over them
     init_std: float = 0.02
 
     @property
@@ -196,12 +197,29 @@ def _block_forward(block: Block, x_bld, state, reset_b):
     return block(x_bld, state, reset_b)
 
 
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """num_layers Blocks as one Block whose params have a leading [layers] axis (for scan over layers)."""
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return Block(cfg, rngs=rngs)
+
+    blocks = make(rngs)
+    for _, var in nnx.iter_graph(blocks):
+        if isinstance(var, nnx.Param):
+            var.set_metadata(axes=("layers",) + tuple(var.get_metadata()["axes"]))
+    return blocks
+
+
 class InfiniTransformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embed_vd = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt)
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, rngs=rngs)
         if not cfg.tie_embeddings:
             self.unembed_dv = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
@@ -217,7 +235,10 @@ class InfiniTransformer(nnx.Module):
                 batch, cfg.segment_len, cfg.num_heads, cfg.head_dim, cfg.head_dim, jnp.dtype(cfg.dtype))
         else:
             make = lambda: ()  # noqa: E731
-        return tuple(make() for _ in range(cfg.num_layers))
+        layers = tuple(make() for _ in range(cfg.num_layers))
+        if cfg.scan_layers:  # one pytree with a leading [layers] axis
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if layers[0] != () else ()
+        return layers
 
     def hidden(self, tokens_bl, state: Optional[tuple] = None, reset_b=None):
         """tokens [B, L] int → (final-normed hidden states [B, L, D], new per-layer state)."""
@@ -231,8 +252,10 @@ class InfiniTransformer(nnx.Module):
                 "feed whole segments (pad the last one and mask its loss)")
         if state is None:
             state = self.init_state(b)
-        if len(state) != cfg.num_layers:
-            raise ValueError(f"state has {len(state)} layers, the model has {cfg.num_layers}: "
+        n_state = (jax.tree.leaves(state)[0].shape[0] if jax.tree.leaves(state) else cfg.num_layers) \
+            if cfg.scan_layers else len(state)
+        if n_state != cfg.num_layers:
+            raise ValueError(f"state has {n_state} layers, the model has {cfg.num_layers}: "
                              "build it with model.init_state(batch)")
         reset_b = jnp.zeros((b,), bool) if reset_b is None else jnp.asarray(reset_b, bool)
         if reset_b.shape != (b,):
@@ -242,6 +265,13 @@ class InfiniTransformer(nnx.Module):
         if cfg.embed_scale:
             x_bld = x_bld * jnp.asarray(cfg.d_model ** 0.5, dt)
         forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
+        if cfg.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
+            def over_layers(block, x_bld, layer_state, reset_b):
+                return forward(block, constrain(x_bld, ACT_AXES), layer_state, reset_b)
+
+            x_bld, new_state = over_layers(self.blocks, x_bld, state, reset_b)
+            return constrain(self.final_norm(x_bld), ACT_AXES), new_state
         new_state = []
         for block, layer_state in zip(self.blocks, state):
             x_bld = constrain(x_bld, ACT_AXES)
@@ -277,6 +307,8 @@ def gate_values(model: InfiniTransformer) -> jax.Array:
     """sigmoid(β) of every head of every layer, [num_layers, num_heads] (the paper's Figure 3)."""
     if model.cfg.attention != "infini":
         raise ValueError(f"gates exist only for attention='infini', not {model.cfg.attention!r}")
+    if model.cfg.scan_layers:
+        return jax.nn.sigmoid(model.blocks.attn.gate_logit[...])
     return jnp.stack([jax.nn.sigmoid(b.attn.gate_logit[...]) for b in model.blocks])
 
 

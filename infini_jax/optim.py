@@ -79,9 +79,13 @@ def make_schedule(peak: float, total_steps: int, warmup_steps: int, schedule: st
                                               end_value=peak * min_lr_ratio)
 
 
-def is_gate_path(path) -> bool:
+def _last_key(path) -> str:
     last = path[-1] if path else None
-    return str(getattr(last, "key", getattr(last, "name", last))) == GATE_SUFFIX
+    return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def is_gate_path(path) -> bool:
+    return _last_key(path) == GATE_SUFFIX
 
 
 def param_labels(params) -> Any:
@@ -90,8 +94,9 @@ def param_labels(params) -> Any:
 
 
 def decay_mask(params) -> Any:
-    """Weight decay on matrices only (ndim ≥ 2): not norm scales, never β."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: (jnp.ndim(x) >= 2) and not is_gate_path(p), params)
+    """Weight decay on matrices only: not norm scales (named `scale`; 2-D when layers are stacked), never β."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: (jnp.ndim(x) >= 2) and not is_gate_path(p) and _last_key(p) != "scale", params)
 
 
 def _scaler(o: dict) -> optax.GradientTransformation:

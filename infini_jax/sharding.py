@@ -190,13 +190,15 @@ def memory_shardings(mesh: Mesh, state_tree):
     def spec(x, logical):
         return NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, name="memory"))
 
-    def layer(s):
+    def layer(s, lead=()):
         if isinstance(s, attn.MemoryState):
-            return attn.MemoryState(*(spec(x, ax) for x, ax in zip(s, MEMORY_AXES)))
+            return attn.MemoryState(*(spec(x, lead + ax) for x, ax in zip(s, MEMORY_AXES)))
         if isinstance(s, attn.XLCache):
-            return attn.XLCache(*(spec(x, ax) for x, ax in zip(s, XL_CACHE_AXES)))
-        return jax.tree.map(lambda x: spec(x, ("batch",) + (None,) * (x.ndim - 1)), s)
+            return attn.XLCache(*(spec(x, lead + ax) for x, ax in zip(s, XL_CACHE_AXES)))
+        return jax.tree.map(lambda x: spec(x, lead + ("batch",) + (None,) * (x.ndim - 1 - len(lead))), s)
 
+    if isinstance(state_tree, (attn.MemoryState, attn.XLCache)):  # model.scan_layers: stacked [layers, ...]
+        return layer(state_tree, ("layers",))
     return tuple(layer(s) for s in state_tree)
 
 

@@ -282,6 +282,9 @@ def evaluate(eval_step, params, batches: Iterator[Mapping[str, np.ndarray]], mes
 def gate_values_from_params(params) -> Optional[jax.Array]:
     """sigmoid(β) [layers, heads] from a params pure dict (jittable), or None without Infini-attention gates."""
     blocks = params.get("blocks", {})
+    if "attn" in blocks:  # model.scan_layers: one stacked block, gate_logit [layers, heads]
+        gate = blocks["attn"].get("gate_logit")
+        return None if gate is None else jax.nn.sigmoid(gate.astype(jnp.float32))
     gates = [blocks[i].get("attn", {}).get("gate_logit") for i in sorted(blocks, key=int)]
     if not gates or any(g is None for g in gates):
         return None

@@ -166,3 +166,29 @@ def test_blocked_local_attention_equals_unblocked():
     np.testing.assert_allclose(blocked, whole, atol=1e-6, rtol=1e-6)
     g = lambda blk: jax.grad(lambda q: attn.local_attention(q, k, v, query_block=blk).sum())(q)  # noqa: E731
     np.testing.assert_allclose(g(8), g(64), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["infini", "xl", "local"])
+def test_scan_over_layers_equals_python_loop(attention):
+    """scan_layers stacks the blocks' params and scans; with the same weights the logits and state agree."""
+    loop, scanned = make(attention=attention, num_layers=3), make(attention=attention, num_layers=3,
+                                                                  scan_layers=True)
+    if attention == "infini":
+        randomize_gates(loop)
+    p_loop = nnx.to_pure_dict(nnx.state(loop, nnx.Param))
+    blocks = [p_loop["blocks"][i] for i in range(3)]
+    p_scan = dict(p_loop, blocks=jax.tree.map(lambda *xs: jnp.stack(xs), *blocks))
+    nnx.replace_by_pure_dict(state := nnx.state(scanned, nnx.Param), p_scan)
+    nnx.update(scanned, state)
+    axes = scanned.blocks.attn.wq_dhk.get_metadata()["axes"]
+    assert axes == ("layers", "embed", "heads", "head_dim")
+    toks = tokens()
+    a, st_a = loop(toks[:, :16])
+    b, st_b = scanned(toks[:, :16])
+    np.testing.assert_allclose(b, a, atol=2e-5, rtol=1e-5)
+    a2, _ = loop(toks[:, 16:], st_a, reset_b=jnp.array([True, False]))
+    b2, _ = scanned(toks[:, 16:], st_b, reset_b=jnp.array([True, False]))
+    np.testing.assert_allclose(b2, a2, atol=2e-5, rtol=1e-5)
+    if attention == "infini":
+        np.testing.assert_allclose(gate_values(scanned), gate_values(loop), atol=1e-7)
+        np.testing.assert_allclose(st_b.M, jnp.stack([s.M for s in st_a]), atol=1e-4, rtol=1e-5)

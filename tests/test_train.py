@@ -154,3 +154,20 @@ def test_bf16_compute_f32_params_with_adafactor(single_device):
     assert abs(losses[0] - ref_losses[0]) < 0.02 * ref_losses[0]  # same init, bf16 activations
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
     assert int(state.step) == 2
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_scan_layers_sharded_step_matches_single_device(name):
+    """Stacked layers ([layers, ...] params, scan over layers): the (2, 2, 2) mesh step equals one device."""
+    model = dict(MODEL, num_layers=2, scan_layers=True)
+    optim = dict(OPTIM, name=name)
+    ref_losses, ref_params, _ = run_steps(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1],
+                                          model=model, optim=optim)
+    losses, params, state = run_steps(dict(data=2, fsdp=2, tensor=2), model=model, optim=optim)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params, ref_params)
+    wq = state.params["blocks"]["attn"]["wq_dhk"]
+    assert wq.shape[0] == 2 and wq.sharding.spec[0] is None and "tensor" in str(wq.sharding.spec)
+    assert T.gate_values_from_params(state.params).shape == (2, 4)
+    decay = optim_lib.decay_mask(state.params)
+    assert not decay["blocks"]["attn_norm"]["scale"] and decay["blocks"]["attn"]["wq_dhk"]
