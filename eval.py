@@ -132,4 +132,6 @@ def _workdir_of(checkpoint: str) -> Path:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from infini_jax.config import parse_cli_flags
+
+    app.run(main, flags_parser=lambda argv: parse_cli_flags(FLAGS, argv))

@@ -76,17 +76,7 @@ def main(argv):
                   f"eval accuracy {ev.get('accuracy', nan):.4f}")
 
 
-def parse_flags(argv):
-    """absl flag parsing; a bad --config.x=y override (unknown key, wrong type) is one line, not a traceback."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}\nPass --help for usage.", file=sys.stderr)
-        sys.exit(2)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: bad --config override: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    from infini_jax.config import parse_cli_flags
+
+    app.run(main, flags_parser=lambda argv: parse_cli_flags(FLAGS, argv))

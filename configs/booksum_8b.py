@@ -38,7 +38,7 @@ def get_config(arg=None):
     config.model = dict(
         **ARCH, segment_len=SEGMENT_LEN, n_segments=n_segments, attention=arg.attention, rule=arg.rule,
         mode=arg.mode, mlp="gated", gate_init=0.0, dtype="bfloat16", param_dtype="float32", remat=True,
-        init_std=0.02,
+        init_std=0.02, scan_layers=True,
     )
     if pretrain:
         config.data = dict(name="text", tokenizer="", data_dir="", seed=0)

@@ -32,7 +32,7 @@ def get_config(arg=None):
         head_dim=HEAD_DIM, d_ff=4096, segment_len=2048, n_segments=16, attention=arg.attention, rule=arg.rule,
         mode=arg.mode, mlp="plain", activation="gelu", tie_embeddings=True, embed_scale=False,
         rope_base=10000.0, gate_init=0.0, norm_eps=1e-6, dtype="bfloat16", param_dtype="float32", remat=True,
-        init_std=0.02,
+        init_std=0.02, scan_layers=True,  # stacked layers: one compiled block, FSDP gathers a layer at a time
     )
     config.data = dict(name="pg19", tokenizer="", data_dir="", seed=0)
     config.train = dict(

@@ -20,6 +20,7 @@ def get_config(arg=None):
         segment_len=64, n_segments=4, attention=arg.attention, rule=arg.rule, mode=arg.mode,
         mlp="gated", activation="silu", tie_embeddings=True, embed_scale=False, rope_base=10000.0,
         gate_init=0.0, norm_eps=1e-6, dtype="float32", param_dtype="float32", remat=False, init_std=0.02,
+        scan_layers=False,
     )
     config.data = dict(
         name="passkey", tokenizer="byte", seed=0, data_dir="",  # data_dir: for name=text|pg19|booksum

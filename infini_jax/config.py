@@ -48,6 +48,23 @@ def with_defaults(section: str, cfg: Mapping[str, Any], defaults: Mapping[str, A
     return {**defaults, **d}
 
 
+def parse_cli_flags(flags_obj, argv):
+    """absl flag parsing for the CLIs: a bad flag or --config.x=y override (unknown key, wrong type) is one
+    line on stderr and exit code 2, not a traceback."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags_obj(argv)
+    except flags.Error as e:
+        print(f"error: {e}\nPass --help for usage.", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: bad --config override: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The frozen ModelConfig of an experiment config (validates every model field)."""
     return ModelConfig.from_dict(config.model)
