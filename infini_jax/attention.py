@@ -2,9 +2,13 @@
 
 Everything here is a plain function of arrays; Flax modules only hold the parameters. Shapes:
 
-    q, k : [B, N, H, d_key]        v : [B, N, H, d_value]      (one segment of N tokens)
-    M    : [B, H, d_key, d_value]  z : [B, H, d_key]           (compressive memory, always float32)
+    q : [B, N, H, d_key]   k : [B, N, G, d_key]   v : [B, N, G, d_value]   (one segment of N tokens)
+    M : [B, G, d_key, d_value]     z : [B, G, d_key]    (compressive memory, always float32)
     gate_logit (β) : [H]
+
+G = H is ordinary multi-head attention; G < H (G dividing H) is grouped-query attention: the memory is kept
+once per key/value head and the R = H / G query heads of a group read the same memory (exactly what a
+per-query-head memory of repeated keys/values would hold, without the copies).
 
 Equations:
     σ(x)   = ELU(x) + 1
@@ -75,8 +79,11 @@ def _check_qkv(q, k, v) -> None:
             raise ValueError(
                 f"{name} must have rank 4 [batch, length, heads, dim], got shape {jnp.shape(x)}"
             )
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, N, H, d_key]: q {q.shape}, k {k.shape}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError(f"q and k must have the same shape [B, N, ., d_key]: q {q.shape}, k {k.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} heads, not a multiple of k's {k.shape[2]} key/value heads "
+                         f"(grouped-query attention needs G dividing H): q {q.shape}, k {k.shape}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(
             f"v must match k in [batch, length, heads]: k {k.shape}, v {v.shape}"
@@ -178,7 +185,8 @@ def local_attention(q_bnhk, k_bnhk, v_bnhv, *, rope_base: Optional[float] = None
     Segments longer than `query_block` (the paper's are 2048) are processed one block of queries at a time
     under `jax.checkpoint`, so the [B, H, N, N] scores never exist whole: at most [B, H, query_block, N].
     """
-    n = q_bnhk.shape[1]
+    n, h = q_bnhk.shape[1], q_bnhk.shape[2]
+    k_bnhk, v_bnhv = repeat_heads(k_bnhk, h), repeat_heads(v_bnhv, h)  # grouped-query: K/V per query head
     if rope_base is not None:
         pos_n = jnp.arange(n)
         q_bnhk, k_bnhk = apply_rope(q_bnhk, pos_n, rope_base), apply_rope(k_bnhk, pos_n, rope_base)
@@ -201,11 +209,23 @@ def local_attention(q_bnhk, k_bnhk, v_bnhv, *, rope_base: Optional[float] = None
     return out_xbqhv.swapaxes(0, 1).reshape(b, n, h, -1)
 
 
-def _read(M_bhkv, z_bhk, sq_bnhk) -> jax.Array:
-    """σ(q) M / max(σ(q) z, eps) for already-featurised queries; float32 [B, N, H, d_value]."""
-    num_bnhv = jnp.einsum("bnhk,bhkv->bnhv", sq_bnhk, M_bhkv)  # [B,N,H,K] x [B,H,K,V] -> [B,N,H,V]
-    den_bnh = jnp.einsum("bnhk,bhk->bnh", sq_bnhk, z_bhk)  # [B,N,H,K] x [B,H,K] -> [B,N,H]
-    return num_bnhv / jnp.maximum(den_bnh, DENOM_EPS)[..., None]
+def repeat_heads(x_bngd: jax.Array, heads: int) -> jax.Array:
+    """[..., G, D] -> [..., H, D]: each key/value head repeated for the H / G query heads of its group."""
+    g = x_bngd.shape[-2]
+    return x_bngd if g == heads else jnp.repeat(x_bngd, heads // g, axis=-2)
+
+
+def _read(M_bgkv, z_bgk, sq_bnhk) -> jax.Array:
+    """σ(q) M / max(σ(q) z, eps) for already-featurised queries; float32 [B, N, H, d_value].
+
+    The H query heads read the G memories in groups of R = H / G."""
+    b, n, h, d_key = sq_bnhk.shape
+    g = M_bgkv.shape[1]
+    sq_bngrk = sq_bnhk.reshape(b, n, g, h // g, d_key)
+    num_bngrv = jnp.einsum("bngrk,bgkv->bngrv", sq_bngrk, M_bgkv)  # [B,N,G,R,K] x [B,G,K,V] -> [B,N,G,R,V]
+    den_bngr = jnp.einsum("bngrk,bgk->bngr", sq_bngrk, z_bgk)  # [B,N,G,R,K] x [B,G,K] -> [B,N,G,R]
+    out_bngrv = num_bngrv / jnp.maximum(den_bngr, DENOM_EPS)[..., None]
+    return out_bngrv.reshape(b, n, h, -1)
 
 
 def retrieve(state: MemoryState, q_bnhk: jax.Array) -> jax.Array:
@@ -213,7 +233,8 @@ def retrieve(state: MemoryState, q_bnhk: jax.Array) -> jax.Array:
     if jnp.ndim(q_bnhk) != 4:
         raise ValueError(f"q must have rank 4 [batch, length, heads, d_key], got shape {jnp.shape(q_bnhk)}")
     b, _, h, d_key = q_bnhk.shape
-    _check_state(state, b, h, d_key, state.M.shape[-1])
+    g = state.M.shape[1] if jnp.ndim(state.M) == 4 and h % max(state.M.shape[1], 1) == 0 else h
+    _check_state(state, b, g, d_key, state.M.shape[-1])
     return _read(state.M, state.z, sigma(q_bnhk))
 
 
@@ -233,8 +254,10 @@ def update(state: MemoryState, k_bnhk: jax.Array, v_bnhv: jax.Array, rule: str) 
     return MemoryState(M_bhkv, z_bhk)
 
 
-def _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, empty_bh) -> jax.Array:
-    """Eq. 10, with empty memory reading nothing: those (row, head) pairs get A_dot exactly."""
+def _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, empty_bg) -> jax.Array:
+    """Eq. 10, with empty memory reading nothing: those (row, head) pairs get A_dot exactly.
+    empty_bg: [B, G] per memory; query heads inherit their group's."""
+    empty_bh = repeat_heads(empty_bg[..., None], gate_logit_h.shape[0])[..., 0]
     g_h = jax.nn.sigmoid(gate_logit_h.astype(jnp.float32))[None, None, :, None]  # [1, 1, H, 1]
     mixed_bnhv = g_h * a_mem_bnhv + (1.0 - g_h) * a_dot_bnhv
     return jnp.where(empty_bh[:, None, :, None], a_dot_bnhv, mixed_bnhv)
@@ -264,7 +287,7 @@ def infini_attention(
     _check_rule(rule)
     _check_qkv(q_bnhk, k_bnhk, v_bnhv)
     b, _, h, d_key = q_bnhk.shape
-    _check_state(state, b, h, d_key, v_bnhv.shape[-1])
+    _check_state(state, b, k_bnhk.shape[2], d_key, v_bnhv.shape[-1])
     _check_gate(gate_logit_h, h)
     a_dot_bnhv = local_attention(q_bnhk, k_bnhk, v_bnhv, rope_base=rope_base)
     a_mem_bnhv = _read(state.M, state.z, sigma(q_bnhk))
@@ -304,12 +327,12 @@ def infini_attention_sequence(
     _check_mode(mode)
     _check_qkv(q_blhk, k_blhk, v_blhv)
     b, l, h, d_key = q_blhk.shape
-    d_value = v_blhv.shape[-1]
+    g, d_value = k_blhk.shape[2], v_blhv.shape[-1]
     n_seg = _check_segments(l, segment_len)
     _check_gate(gate_logit_h, h)
     if state is None:
-        state = init_memory(b, h, d_key, d_value)
-    _check_state(state, b, h, d_key, d_value)
+        state = init_memory(b, g, d_key, d_value)
+    _check_state(state, b, g, d_key, d_value)
     state = MemoryState(state.M.astype(jnp.float32), state.z.astype(jnp.float32))
     if mode == "scan":
         return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base)
@@ -342,7 +365,6 @@ def _exclusive_cumsum(x_bs, axis: int = 1):
 def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base):
     b, l, h, d_key = q_blhk.shape
     q_bsnhk, k_bsnhk, v_bsnhv = (_to_segments(x, n_seg) for x in (q_blhk, k_blhk, v_blhv))
-    n = q_bsnhk.shape[2]
     sq_bsnhk, sk_bsnhk = sigma(q_bsnhk), sigma(k_bsnhk)
     v32_bsnhv = v_bsnhv.astype(jnp.float32)
 
@@ -378,16 +400,12 @@ def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule,
         m_prev_bshkv = jnp.concatenate([state.M[:, None], mi_bshkv[:, :-1]], axis=1)
         m_final_bhkv = mi_bshkv[:, -1]
 
-    # Memory read of every segment at once: [B,S,N,H,K] x [B,S,H,K,V] -> [B,S,N,H,V]
-    num_bsnhv = jnp.einsum("bsnhk,bshkv->bsnhv", sq_bsnhk, m_prev_bshkv)
-    den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sq_bsnhk, z_prev_bshk)
-    a_mem_bsnhv = num_bsnhv / jnp.maximum(den_bsnh, DENOM_EPS)[..., None]
-
-    # Local attention of every segment at once: fold segments into the batch.
-    fold = lambda x: x.reshape(b * n_seg, n, h, x.shape[-1])  # noqa: E731
+    # Segments folded into the batch: [B, S, ...] -> [B*S, ...]; the memory (G heads) before each segment
+    fold = lambda x: x.reshape((b * n_seg,) + x.shape[2:])  # noqa: E731
+    a_mem = _read(fold(m_prev_bshkv), fold(z_prev_bshk), fold(sq_bsnhk))  # memory read of every segment
     a_dot = local_attention(fold(q_bsnhk), fold(k_bsnhk), fold(v_bsnhv), rope_base=rope_base)
-    empty = jnp.all(z_prev_bshk == 0, axis=-1).reshape(b * n_seg, h)
-    out = _gate(fold(a_mem_bsnhv), a_dot, gate_logit_h, empty)
+    empty = jnp.all(fold(z_prev_bshk) == 0, axis=-1)  # [B*S, G]
+    out = _gate(a_mem, a_dot, gate_logit_h, empty)
     out_blhv = out.reshape(b, l, h, -1).astype(q_blhk.dtype)
     return out_blhv, MemoryState(m_final_bhkv, state.z + zi_bshk[:, -1])
 
@@ -402,7 +420,7 @@ def local_attention_sequence(q_blhk, k_blhk, v_blhv, *, segment_len: int, rope_b
     _check_qkv(q_blhk, k_blhk, v_blhv)
     b, l, h, _ = q_blhk.shape
     n_seg = _check_segments(l, segment_len)
-    fold = lambda x: x.reshape(b * n_seg, segment_len, h, x.shape[-1])  # noqa: E731
+    fold = lambda x: x.reshape(b * n_seg, segment_len, x.shape[-2], x.shape[-1])  # noqa: E731
     out = local_attention(fold(q_blhk), fold(k_blhk), fold(v_blhv), rope_base=rope_base)
     return out.reshape(b, l, h, -1).astype(q_blhk.dtype)
 
@@ -432,14 +450,15 @@ def xl_attention_sequence(
     """
     _check_qkv(q_blhk, k_blhk, v_blhv)
     b, l, h, d_key = q_blhk.shape
+    g = k_blhk.shape[2]
     n_seg = _check_segments(l, segment_len)
     n = segment_len
     if cache is None:
-        cache = init_xl_cache(b, n, h, d_key, v_blhv.shape[-1], k_blhk.dtype)
-    if cache.k.shape != (b, n, h, d_key) or cache.v.shape != (b, n, h, v_blhv.shape[-1]):
+        cache = init_xl_cache(b, n, g, d_key, v_blhv.shape[-1], k_blhk.dtype)
+    if cache.k.shape != (b, n, g, d_key) or cache.v.shape != (b, n, g, v_blhv.shape[-1]):
         raise ValueError(
-            f"XL cache shape mismatch: expected k {(b, n, h, d_key)}, got {cache.k.shape}; "
-            "build it with init_xl_cache(batch, segment_len, heads, d_key, d_value)"
+            f"XL cache shape mismatch: expected k {(b, n, g, d_key)}, got {cache.k.shape}; "
+            "build it with init_xl_cache(batch, segment_len, kv_heads, d_key, d_value)"
         )
     xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blhk, v_blhv))
     # keys: [previous segment | current segment]; previous only where valid, current causal
@@ -456,7 +475,7 @@ def xl_attention_sequence(
             k_b2nhk = apply_rope(k_b2nhk, jnp.arange(2 * n), rope_base)
         prev_bnn = jnp.broadcast_to(c.valid[:, None, None], (b, n, n))
         mask_bn2n = jnp.concatenate([prev_bnn, jnp.broadcast_to(causal_nn, (b, n, n))], axis=-1)
-        out_bnhv = _softmax_attention(q_bnhk, k_b2nhk, v_b2nhv, mask_bn2n)
+        out_bnhv = _softmax_attention(q_bnhk, repeat_heads(k_b2nhk, h), repeat_heads(v_b2nhv, h), mask_bn2n)
         new = XLCache(k_bnhk.astype(c.k.dtype), v_bnhv.astype(c.v.dtype), jnp.ones_like(c.valid))
         return new, out_bnhv.astype(q_bnhk.dtype)
 

@@ -298,9 +298,10 @@ def memory_footprint(cfg: ModelConfig, input_lens: Sequence[int] | int | None = 
     infini:   d_key × (d_value + 1) × H × layers (M and z), whatever the input length
     xl:       (d_key + d_value) × H × N × layers (keys and values of one segment of N tokens)
     full@T:   (d_key + d_value) × H × T × layers (keys and values of the whole input of T tokens)
+    H counts key/value heads (= num_kv_heads under grouped-query attention: memory and caches are per KV head).
     """
     dk = dv = cfg.head_dim
-    H, N, layers = cfg.num_heads, cfg.segment_len, cfg.num_layers
+    H, N, layers = cfg.kv_heads, cfg.segment_len, cfg.num_layers
     lens = [cfg.seq_len] if input_lens is None else ([input_lens] if isinstance(input_lens, int) else input_lens)
     infini = dk * (dv + 1) * H * layers
     rows = {

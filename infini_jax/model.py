@@ -13,8 +13,8 @@ shape [B, n × segment_len]. One call over a sequence and several calls with the
 same logits. `reset` [B] bool clears that row's memory first (start of a new document).
 
 Every parameter carries `axes` metadata: one logical axis name per dimension (infini_jax/sharding.py maps
-them to mesh axes). Grouped-query attention (num_kv_heads < num_heads) repeats K/V per query head before
-the attention math, so each query head owns its memory and gate.
+them to mesh axes). Grouped-query attention (num_kv_heads < num_heads): the memory is kept per key/value
+head and read by the query heads of its group; each query head has its own gate.
 """
 
 from __future__ import annotations
@@ -137,22 +137,20 @@ class Attention(nnx.Module):
         q_blhk = jnp.einsum("bld,dhk->blhk", x, self.wq_dhk[...].astype(dt))  # [B,L,D] x [D,H,K]
         k_blgk = jnp.einsum("bld,dgk->blgk", x, self.wk_dgk[...].astype(dt))  # [B,L,D] x [D,G,K]
         v_blgk = jnp.einsum("bld,dgk->blgk", x, self.wv_dgk[...].astype(dt))
-        rep = cfg.num_heads // cfg.kv_heads
-        k_blhk, v_blhk = (jnp.repeat(t, rep, axis=2) if rep > 1 else t for t in (k_blgk, v_blgk))
         if cfg.attention == "infini":
             state = attn.reset_memory(state, reset_b)
             out_blhk, state = attn.infini_attention_sequence(
-                q_blhk, k_blhk, v_blhk, self.gate_logit[...], segment_len=cfg.segment_len,
+                q_blhk, k_blgk, v_blgk, self.gate_logit[...], segment_len=cfg.segment_len,
                 rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope_base)
         elif cfg.attention == "xl":
             state = attn.reset_xl_cache(state, reset_b)
             out_blhk, state = attn.xl_attention_sequence(
-                q_blhk, k_blhk, v_blhk, segment_len=cfg.segment_len, cache=state, rope_base=cfg.rope_base)
+                q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, cache=state, rope_base=cfg.rope_base)
         elif cfg.attention == "local":
             out_blhk = attn.local_attention_sequence(
-                q_blhk, k_blhk, v_blhk, segment_len=cfg.segment_len, rope_base=cfg.rope_base)
+                q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, rope_base=cfg.rope_base)
         else:
-            out_blhk = attn.full_attention(q_blhk, k_blhk, v_blhk, rope_base=cfg.rope_base)
+            out_blhk = attn.full_attention(q_blhk, k_blgk, v_blgk, rope_base=cfg.rope_base)
         y_bld = jnp.einsum("blhk,hkd->bld", out_blhk.astype(dt), self.wo_hkd[...].astype(dt))  # [B,L,H,K] x [H,K,D]
         return y_bld, state
 
@@ -229,10 +227,10 @@ class InfiniTransformer(nnx.Module):
         layer; () per layer for "local" and "full", which carry nothing between calls."""
         cfg = self.cfg
         if cfg.attention == "infini":
-            make = lambda: attn.init_memory(batch, cfg.num_heads, cfg.head_dim, cfg.head_dim)  # noqa: E731
+            make = lambda: attn.init_memory(batch, cfg.kv_heads, cfg.head_dim, cfg.head_dim)  # noqa: E731
         elif cfg.attention == "xl":
             make = lambda: attn.init_xl_cache(  # noqa: E731
-                batch, cfg.segment_len, cfg.num_heads, cfg.head_dim, cfg.head_dim, jnp.dtype(cfg.dtype))
+                batch, cfg.segment_len, cfg.kv_heads, cfg.head_dim, cfg.head_dim, jnp.dtype(cfg.dtype))
         else:
             make = lambda: ()  # noqa: E731
         layers = tuple(make() for _ in range(cfg.num_layers))
