@@ -233,7 +233,10 @@ def retrieve(state: MemoryState, q_bnhk: jax.Array) -> jax.Array:
     if jnp.ndim(q_bnhk) != 4:
         raise ValueError(f"q must have rank 4 [batch, length, heads, d_key], got shape {jnp.shape(q_bnhk)}")
     b, _, h, d_key = q_bnhk.shape
-    g = state.M.shape[1] if jnp.ndim(state.M) == 4 and h % max(state.M.shape[1], 1) == 0 else h
+    g = state.M.shape[1] if jnp.ndim(state.M) == 4 else 0
+    if g == 0 or h % g:
+        raise ValueError(f"memory state shape mismatch: M {tuple(state.M.shape)} must be [B, G, d_key, d_value] "
+                         f"with G key/value heads dividing q's {h} heads")
     _check_state(state, b, g, d_key, state.M.shape[-1])
     return _read(state.M, state.z, sigma(q_bnhk))
 
