@@ -195,6 +195,14 @@ def _block_forward(block: Block, x_bld, state, reset_b):
     return block(x_bld, state, reset_b)
 
 
+def _state_layers(state, cfg: ModelConfig) -> int:
+    """How many layers a state holds: a tuple per layer, or (scan_layers) a leading axis on every leaf."""
+    if not cfg.scan_layers:
+        return len(state)
+    leaves = jax.tree.leaves(state)
+    return leaves[0].shape[0] if leaves else cfg.num_layers  # local/full: nothing to count
+
+
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     """num_layers Blocks as one Block whose params have a leading [layers] axis (for scan over layers)."""
     @nnx.split_rngs(splits=cfg.num_layers)
@@ -250,8 +258,7 @@ class InfiniTransformer(nnx.Module):
                 "feed whole segments (pad the last one and mask its loss)")
         if state is None:
             state = self.init_state(b)
-        n_state = (jax.tree.leaves(state)[0].shape[0] if jax.tree.leaves(state) else cfg.num_layers) \
-            if cfg.scan_layers else len(state)
+        n_state = _state_layers(state, cfg)
         if n_state != cfg.num_layers:
             raise ValueError(f"state has {n_state} layers, the model has {cfg.num_layers}: "
                              "build it with model.init_state(batch)")
