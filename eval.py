@@ -32,6 +32,8 @@ flags.DEFINE_integer("max_batches", None, "Stop perplexity after N batches.")
 flags.DEFINE_list("passkey_lengths", ["1K", "4K", "32K", "128K"], "Prompt lengths in tokens (K = 1024, M = 2^20).")
 flags.DEFINE_list("passkey_depths", ["0", "0.25", "0.5", "0.75", "1"], "Passkey depths in [0, 1].")
 flags.DEFINE_integer("passkey_trials", 1, "Passkeys per (length, depth) cell.")
+flags.DEFINE_string("passkey_haystack", None, "A folder of .txt books (and its subfolders): hide the paper's passkey "
+                    "sentences in their prose instead of the paper's filler.")
 flags.DEFINE_integer("chunk_segments", 16, "Segments per streamed chunk (passkey).")
 flags.DEFINE_string("prompt", None, "Prompt for 'generate' (default: a passkey prompt, answer withheld).")
 flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
@@ -68,7 +70,7 @@ def _main() -> int:
     from infini_jax import evaluate as ev
     from infini_jax import plots
     from infini_jax.config import model_config
-    from infini_jax.data.passkey import PasskeyStream
+    from infini_jax.data.passkey import Haystack, PasskeyStream
     from infini_jax.data.tokenizers import load_tokenizer
 
     config = FLAGS.config
@@ -99,6 +101,7 @@ def _main() -> int:
             if not 0 <= d <= 1:
                 raise ValueError(f"--passkey_depths must be in [0, 1], got {d}")
         PasskeyStream(tokenizer, min(lengths), 0.0)  # raises if shorter than the prompt without filler
+    haystack = Haystack(tokenizer, FLAGS.passkey_haystack) if FLAGS.passkey_haystack else None
 
     model, info = ev.load_model(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
                                 init_random=FLAGS.init_random)
@@ -109,7 +112,7 @@ def _main() -> int:
                      passkey_depths=depths, passkey_trials=FLAGS.passkey_trials,
                      chunk_segments=FLAGS.chunk_segments, prompt=FLAGS.prompt,
                      max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                     seed=FLAGS.seed, progress=FLAGS.progress)
+                     seed=FLAGS.seed, progress=FLAGS.progress, passkey_haystack=haystack)
     results["model"] = {"source": info["source"], "step": info["step"], "config": config.model.to_dict()}
     results["split"] = FLAGS.split
 

@@ -27,6 +27,11 @@ Decisions the paper leaves open (fixed here, tested in tests/test_attention.py):
     a denominator of ordinary size.
   * M and z are accumulated in float32 whatever the activation dtype; local softmax runs in float32.
   * Retrieval happens before the update (read the memory of earlier segments, then write this one).
+  * Every product that touches M, z or the delta read runs at `precision=HIGHEST` (MEMORY_PRECISION):
+    on TPU the default rounds float32 operands to bfloat16 and on recent GPUs to TF32, which at 2^20
+    tokens buries one passkey's contribution to the read. The local softmax path keeps the default.
+  * Optional write scale c per (row, segment): the segment is written as if it had been seen c times
+    (linear: exactly; delta: c × the delta write). Used for memory-mass augmentation in training; 1 = the paper.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import jax.numpy as jnp
 RULES = ("linear", "delta")
 MODES = ("scan", "parallel")
 DENOM_EPS = 1e-6
+MEMORY_PRECISION = jax.lax.Precision.HIGHEST  # every einsum touching M, z or the delta read (see above)
 
 
 class MemoryState(NamedTuple):
@@ -50,11 +56,12 @@ class MemoryState(NamedTuple):
 
 
 class XLCache(NamedTuple):
-    """Transformer-XL cache: keys/values of the previous segment. k: [B, N, H, d_key], v: [B, N, H, d_value],
-    valid: [B] bool (False until a segment has been seen, or after a reset)."""
+    """Transformer-XL cache (Dai et al. 2019): the previous segment's hidden states at the layer's attention
+    input, x: [B, N, D]; valid: [B] bool (False until a segment has been seen, or after a reset). Keys and
+    values of the cached half are projected from them with the current weights, so W_K and W_V learn from both
+    halves while no gradient flows into the cached states."""
 
-    k: jax.Array
-    v: jax.Array
+    x: jax.Array
     valid: jax.Array
 
 
@@ -121,8 +128,12 @@ def _check_segments(length: int, segment_len: int) -> int:
 
 
 def sigma(x: jax.Array) -> jax.Array:
-    """The feature map σ(x) = ELU(x) + 1, evaluated in float32 (always > 0)."""
-    return jax.nn.elu(x.astype(jnp.float32)) + 1.0
+    """The feature map σ(x) = ELU(x) + 1 in float32: x + 1 for x > 0, exp(x) otherwise (always > 0).
+
+    Written out rather than `elu(x) + 1`: that computes expm1(x) + 1, which is 6% off at x = -16 and exactly 0
+    below -17.4, while exp(x) stays exact down to float32's smallest normal numbers."""
+    x = x.astype(jnp.float32)
+    return jnp.where(x > 0, x + 1.0, jnp.exp(jnp.minimum(x, 0.0)))
 
 
 def init_memory(batch: int, num_heads: int, d_key: int, d_value: int) -> MemoryState:
@@ -140,10 +151,10 @@ def is_empty(state: MemoryState) -> jax.Array:
 
 def reset_memory(state: MemoryState, reset_b: jax.Array) -> MemoryState:
     """Clears the memory of the batch rows where reset_b [B] is True (start of a new document)."""
-    keep_b = ~reset_b.astype(bool)
+    reset_b = reset_b.astype(bool)  # `where`, not a multiply by 0: inf * 0 would leave NaN behind
     return MemoryState(
-        M=state.M * keep_b[:, None, None, None].astype(state.M.dtype),
-        z=state.z * keep_b[:, None, None].astype(state.z.dtype),
+        M=jnp.where(reset_b[:, None, None, None], jnp.zeros((), state.M.dtype), state.M),
+        z=jnp.where(reset_b[:, None, None], jnp.zeros((), state.z.dtype), state.z),
     )
 
 
@@ -222,8 +233,10 @@ def _read(M_bgkv, z_bgk, sq_bnhk) -> jax.Array:
     b, n, h, d_key = sq_bnhk.shape
     g = M_bgkv.shape[1]
     sq_bngrk = sq_bnhk.reshape(b, n, g, h // g, d_key)
-    num_bngrv = jnp.einsum("bngrk,bgkv->bngrv", sq_bngrk, M_bgkv)  # [B,N,G,R,K] x [B,G,K,V] -> [B,N,G,R,V]
-    den_bngr = jnp.einsum("bngrk,bgk->bngr", sq_bngrk, z_bgk)  # [B,N,G,R,K] x [B,G,K] -> [B,N,G,R]
+    # [B,N,G,R,K] x [B,G,K,V] -> [B,N,G,R,V]
+    num_bngrv = jnp.einsum("bngrk,bgkv->bngrv", sq_bngrk, M_bgkv, precision=MEMORY_PRECISION)
+    # [B,N,G,R,K] x [B,G,K] -> [B,N,G,R]
+    den_bngr = jnp.einsum("bngrk,bgk->bngr", sq_bngrk, z_bgk, precision=MEMORY_PRECISION)
     out_bngrv = num_bngrv / jnp.maximum(den_bngr, DENOM_EPS)[..., None]
     return out_bngrv.reshape(b, n, h, -1)
 
@@ -241,8 +254,11 @@ def retrieve(state: MemoryState, q_bnhk: jax.Array) -> jax.Array:
     return _read(state.M, state.z, sigma(q_bnhk))
 
 
-def update(state: MemoryState, k_bnhk: jax.Array, v_bnhv: jax.Array, rule: str) -> MemoryState:
-    """Memory write: eq. 8 ("linear") or eq. 9 ("delta"); z ← z + Σ_t σ(K_t). Float32 throughout."""
+def update(state: MemoryState, k_bnhk: jax.Array, v_bnhv: jax.Array, rule: str,
+           write_scale_b: Optional[jax.Array] = None) -> MemoryState:
+    """Memory write: eq. 8 ("linear") or eq. 9 ("delta"); z ← z + Σ_t σ(K_t). Float32 throughout.
+
+    write_scale_b [B] (optional, default 1): both writes of a row are multiplied by it (see the module doc)."""
     _check_rule(rule)
     _check_qkv(k_bnhk, k_bnhk, v_bnhv)
     b, _, h, d_key = k_bnhk.shape
@@ -252,9 +268,12 @@ def update(state: MemoryState, k_bnhk: jax.Array, v_bnhv: jax.Array, rule: str) 
     if rule == "delta":  # write only what the memory does not already return for these keys
         v_bnhv = v_bnhv - _read(state.M, state.z, sk_bnhk)
     # [B, N, H, K] x [B, N, H, V] -> [B, H, K, V]
-    M_bhkv = state.M + jnp.einsum("bnhk,bnhv->bhkv", sk_bnhk, v_bnhv)
-    z_bhk = state.z + jnp.sum(sk_bnhk, axis=1)  # [B, N, H, K] -> [B, H, K]
-    return MemoryState(M_bhkv, z_bhk)
+    dM_bhkv = jnp.einsum("bnhk,bnhv->bhkv", sk_bnhk, v_bnhv, precision=MEMORY_PRECISION)
+    dz_bhk = jnp.sum(sk_bnhk, axis=1)  # [B, N, H, K] -> [B, H, K]
+    if write_scale_b is not None:
+        c_b = write_scale_b.astype(jnp.float32)
+        dM_bhkv, dz_bhk = dM_bhkv * c_b[:, None, None, None], dz_bhk * c_b[:, None, None]
+    return MemoryState(state.M + dM_bhkv, state.z + dz_bhk)
 
 
 def _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, empty_bg) -> jax.Array:
@@ -280,11 +299,13 @@ def infini_attention(
     *,
     rule: str,
     rope_base: Optional[float] = None,
+    write_scale_b: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, MemoryState]:
     """One segment of Infini-attention: local causal attention, memory read, gate, then memory write.
 
     rope_base: when given, RoPE (positions 0..N-1 within the segment) rotates q/k of the local path only;
     the memory path always sees the unrotated q/k, as in the paper.
+    write_scale_b [B]: optional write scale (see `update`).
     Returns (out [B, N, H, d_value] in q's dtype, new MemoryState).
     """
     _check_rule(rule)
@@ -295,7 +316,7 @@ def infini_attention(
     a_dot_bnhv = local_attention(q_bnhk, k_bnhk, v_bnhv, rope_base=rope_base)
     a_mem_bnhv = _read(state.M, state.z, sigma(q_bnhk))
     out_bnhv = _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, is_empty(state))
-    return out_bnhv.astype(q_bnhk.dtype), update(state, k_bnhk, v_bnhv, rule)
+    return out_bnhv.astype(q_bnhk.dtype), update(state, k_bnhk, v_bnhv, rule, write_scale_b)
 
 
 def _to_segments(x_blhd: jax.Array, n_seg: int) -> jax.Array:
@@ -315,8 +336,11 @@ def infini_attention_sequence(
     state: Optional[MemoryState] = None,
     mode: str = "scan",
     rope_base: Optional[float] = None,
+    write_scale_bs: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, MemoryState]:
     """Infini-attention over L = S × segment_len tokens, carrying the memory from `state` (default empty).
+
+    write_scale_bs [B, S]: optional per-(row, segment) write scale (memory-mass augmentation; see `update`).
 
     mode="scan": `jax.lax.scan` over segments with `jax.checkpoint` on the body, so activation memory is
         bounded by one segment (plus the carried state per segment for the backward pass).
@@ -337,25 +361,31 @@ def infini_attention_sequence(
         state = init_memory(b, g, d_key, d_value)
     _check_state(state, b, g, d_key, d_value)
     state = MemoryState(state.M.astype(jnp.float32), state.z.astype(jnp.float32))
+    if write_scale_bs is None:
+        scale_bs = jnp.ones((b, n_seg), jnp.float32)
+    else:
+        scale_bs = jnp.asarray(write_scale_bs, jnp.float32)
+        if scale_bs.shape != (b, n_seg):
+            raise ValueError(f"write_scale must have shape [batch, segments] = {(b, n_seg)}, got {scale_bs.shape}")
     if mode == "scan":
-        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base)
-    return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base)
+        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs)
+    return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs)
 
 
-def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base):
+def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs):
     b, l, h, _ = q_blhk.shape
     # [B, S, N, H, D] -> [S, B, N, H, D]: scan runs over the leading axis.
     xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blhk, v_blhv))
 
     @jax.checkpoint
     def body(carry: MemoryState, seg):
-        q_bnhk, k_bnhk, v_bnhv = seg
+        q_bnhk, k_bnhk, v_bnhv, scale_b = seg
         out_bnhv, new = infini_attention(
-            q_bnhk, k_bnhk, v_bnhv, carry, gate_logit_h, rule=rule, rope_base=rope_base
+            q_bnhk, k_bnhk, v_bnhv, carry, gate_logit_h, rule=rule, rope_base=rope_base, write_scale_b=scale_b
         )
         return new, out_bnhv
 
-    final, out_sbnhv = jax.lax.scan(body, state, xs)
+    final, out_sbnhv = jax.lax.scan(body, state, xs + (scale_bs.T,))
     return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
 
 
@@ -365,18 +395,20 @@ def _exclusive_cumsum(x_bs, axis: int = 1):
     return inclusive - x_bs, inclusive
 
 
-def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base):
+def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs):
     b, l, h, d_key = q_blhk.shape
     q_bsnhk, k_bsnhk, v_bsnhv = (_to_segments(x, n_seg) for x in (q_blhk, k_blhk, v_blhv))
     sq_bsnhk, sk_bsnhk = sigma(q_bsnhk), sigma(k_bsnhk)
     v32_bsnhv = v_bsnhv.astype(jnp.float32)
+    hp = MEMORY_PRECISION
 
-    # z_{s-1}: exclusive prefix of Σ_t σ(K_t); [B, S, N, H, K] -> [B, S, H, K]
-    dz_bshk = jnp.sum(sk_bsnhk, axis=2)
+    # z_{s-1}: exclusive prefix of c_s Σ_t σ(K_t); [B, S, N, H, K] -> [B, S, H, K]
+    dz_bshk = jnp.sum(sk_bsnhk, axis=2) * scale_bs[:, :, None, None]
     zx_bshk, zi_bshk = _exclusive_cumsum(dz_bshk)
     z_prev_bshk = state.z[:, None] + zx_bshk
-    # σ(K_s) σ(K_s)ᵀ-free part of the write: B_s = σ(K_s)ᵀ V_s; [B,S,N,H,K] x [B,S,N,H,V] -> [B,S,H,K,V]
-    write_bshkv = jnp.einsum("bsnhk,bsnhv->bshkv", sk_bsnhk, v32_bsnhv)
+    # σ(K_s) σ(K_s)ᵀ-free part of the write: B_s = c_s σ(K_s)ᵀ V_s; [B,S,N,H,K] x [B,S,N,H,V] -> [B,S,H,K,V]
+    write_bshkv = jnp.einsum("bsnhk,bsnhv->bshkv", sk_bsnhk, v32_bsnhv, precision=hp) \
+        * scale_bs[:, :, None, None, None]
 
     if rule == "linear":
         mx_bshkv, mi_bshkv = _exclusive_cumsum(write_bshkv)
@@ -384,22 +416,23 @@ def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule,
         m_final_bhkv = state.M + mi_bshkv[:, -1]
     else:
         # D_s: 1 / max(σ(K_t) z_{s-1}, eps) per token; [B,S,N,H,K] x [B,S,H,K] -> [B,S,N,H]
-        den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sk_bsnhk, z_prev_bshk)
+        den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sk_bsnhk, z_prev_bshk, precision=hp)
         empty_bsh = jnp.all(z_prev_bshk == 0, axis=-1)
         inv_bsnh = jnp.where(empty_bsh[:, :, None], 0.0, 1.0 / jnp.maximum(den_bsnh, DENOM_EPS))
-        # A_s = I − Σ_t σ(K_t) σ(K_t)ᵀ / den_t; [B,S,N,H,K] x [B,S,N,H] x [B,S,N,H,J] -> [B,S,H,K,J]
+        inv_bsnh = inv_bsnh * scale_bs[:, :, None, None]
+        # A_s = I − c_s Σ_t σ(K_t) σ(K_t)ᵀ / den_t; [B,S,N,H,K] x [B,S,N,H] x [B,S,N,H,J] -> [B,S,H,K,J]
         eye_kj = jnp.eye(d_key, dtype=jnp.float32)
-        a_bshkj = eye_kj - jnp.einsum("bsnhk,bsnh,bsnhj->bshkj", sk_bsnhk, inv_bsnh, sk_bsnhk)
+        a_bshkj = eye_kj - jnp.einsum("bsnhk,bsnh,bsnhj->bshkj", sk_bsnhk, inv_bsnh, sk_bsnhk, precision=hp)
 
         def compose(earlier, later):
             a1, b1 = earlier
             a2, b2 = later
             # (A2, B2) ∘ (A1, B1) = (A2 A1, A2 B1 + B2); [.., K, J] x [.., J, X] -> [.., K, X]
-            return a2 @ a1, a2 @ b1 + b2
+            return jnp.matmul(a2, a1, precision=hp), jnp.matmul(a2, b1, precision=hp) + b2
 
         pa_bshkj, pb_bshkv = jax.lax.associative_scan(compose, (a_bshkj, write_bshkv), axis=1)
         # M_s = P_A(s) M_0 + P_B(s); [B,S,H,K,J] x [B,H,J,V] -> [B,S,H,K,V]
-        mi_bshkv = jnp.einsum("bshkj,bhjv->bshkv", pa_bshkj, state.M) + pb_bshkv
+        mi_bshkv = jnp.einsum("bshkj,bhjv->bshkv", pa_bshkj, state.M, precision=hp) + pb_bshkv
         m_prev_bshkv = jnp.concatenate([state.M[:, None], mi_bshkv[:, :-1]], axis=1)
         m_final_bhkv = mi_bshkv[:, -1]
 
@@ -434,56 +467,56 @@ def full_attention(q_blhk, k_blhk, v_blhv, *, rope_base=None) -> jax.Array:
     return local_attention(q_blhk, k_blhk, v_blhv, rope_base=rope_base).astype(q_blhk.dtype)
 
 
-def init_xl_cache(batch: int, segment_len: int, num_heads: int, d_key: int, d_value: int, dtype=jnp.float32):
-    return XLCache(
-        k=jnp.zeros((batch, segment_len, num_heads, d_key), dtype),
-        v=jnp.zeros((batch, segment_len, num_heads, d_value), dtype),
-        valid=jnp.zeros((batch,), bool),
-    )
+def init_xl_cache(batch: int, segment_len: int, d_model: int, dtype=jnp.float32) -> XLCache:
+    return XLCache(x=jnp.zeros((batch, segment_len, d_model), dtype), valid=jnp.zeros((batch,), bool))
+
+
+def xl_previous_inputs(x_bld: jax.Array, cache: XLCache, segment_len: int) -> jax.Array:
+    """The inputs whose keys/values each segment's cached half uses: segment s gets segment s−1's inputs
+    (segment 0 gets the cache), behind `stop_gradient` (Dai et al.: SG at the cached hidden states).
+    [B, L, D] -> [B, L, D]."""
+    b, l, d = x_bld.shape
+    if cache.x.shape != (b, segment_len, d):
+        raise ValueError(f"XL cache shape mismatch: expected x {(b, segment_len, d)}, got {cache.x.shape}; "
+                         "build it with init_xl_cache(batch, segment_len, d_model)")
+    prev_bld = jnp.concatenate([cache.x.astype(x_bld.dtype), x_bld[:, : l - segment_len]], axis=1)
+    return jax.lax.stop_gradient(prev_bld)
 
 
 def xl_attention_sequence(
-    q_blhk, k_blhk, v_blhv, *, segment_len: int, cache: Optional[XLCache] = None, rope_base=None
-) -> tuple[jax.Array, XLCache]:
-    """Transformer-XL: each segment attends causally to itself and to the previous segment's keys/values
-    (cache length = segment_len, no gradient through the cache, as in Dai et al. 2019).
-
-    With RoPE the cached keys sit at positions 0..N-1 and the current segment at N..2N-1, so relative
-    distances are right across the segment boundary.
+    q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, valid_b, *, segment_len: int, rope_base=None
+) -> jax.Array:
+    """Transformer-XL attention (Dai et al. 2019): each segment attends causally to itself and to all keys of
+    the previous segment. k/v: this call's keys/values; kp/vp: the keys/values of the *previous* segment's
+    inputs for every segment (the projections of `xl_previous_inputs`); valid_b [B]: whether the first segment
+    has a previous one (False at a document start). With absolute positions, query t of segment s sees keys
+    max(0, (s−1)N) .. t. With RoPE the previous segment sits at positions 0..N-1 and the current one at
+    N..2N-1 (relative distances are what RoPE sees). Returns [B, L, H, d_value] in q's dtype.
     """
-    _check_qkv(q_blhk, k_blhk, v_blhv)
-    b, l, h, d_key = q_blhk.shape
-    g = k_blhk.shape[2]
+    _check_qkv(q_blhk, k_blgk, v_blgk)
+    _check_qkv(q_blhk, kp_blgk, vp_blgk)
+    b, l, h, _ = q_blhk.shape
     n_seg = _check_segments(l, segment_len)
     n = segment_len
-    if cache is None:
-        cache = init_xl_cache(b, n, g, d_key, v_blhv.shape[-1], k_blhk.dtype)
-    if cache.k.shape != (b, n, g, d_key) or cache.v.shape != (b, n, g, v_blhv.shape[-1]):
-        raise ValueError(
-            f"XL cache shape mismatch: expected k {(b, n, g, d_key)}, got {cache.k.shape}; "
-            "build it with init_xl_cache(batch, segment_len, kv_heads, d_key, d_value)"
-        )
-    xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blhk, v_blhv))
-    # keys: [previous segment | current segment]; previous only where valid, current causal
+    xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk))
+    prev_valid_sb = jnp.concatenate([valid_b[None].astype(bool), jnp.ones((n_seg - 1, b), bool)], axis=0)
     causal_nn = jnp.tril(jnp.ones((n, n), bool))
 
     @jax.checkpoint
-    def body(c: XLCache, seg):
-        q_bnhk, k_bnhk, v_bnhv = seg
-        k_prev, v_prev = jax.lax.stop_gradient(c.k), jax.lax.stop_gradient(c.v)
-        k_b2nhk = jnp.concatenate([k_prev.astype(k_bnhk.dtype), k_bnhk], axis=1)
-        v_b2nhv = jnp.concatenate([v_prev.astype(v_bnhv.dtype), v_bnhv], axis=1)
+    def body(_, seg):
+        q_bnhk, k_bngk, v_bngk, kp_bngk, vp_bngk, valid_b = seg
+        k_b2ngk = jnp.concatenate([kp_bngk, k_bngk], axis=1)  # keys: [previous segment | current segment]
+        v_b2ngk = jnp.concatenate([vp_bngk, v_bngk], axis=1)
         if rope_base is not None:
             q_bnhk = apply_rope(q_bnhk, jnp.arange(n, 2 * n), rope_base)
-            k_b2nhk = apply_rope(k_b2nhk, jnp.arange(2 * n), rope_base)
-        prev_bnn = jnp.broadcast_to(c.valid[:, None, None], (b, n, n))
+            k_b2ngk = apply_rope(k_b2ngk, jnp.arange(2 * n), rope_base)
+        prev_bnn = jnp.broadcast_to(valid_b[:, None, None], (b, n, n))
         mask_bn2n = jnp.concatenate([prev_bnn, jnp.broadcast_to(causal_nn, (b, n, n))], axis=-1)
-        out_bnhv = _softmax_attention(q_bnhk, repeat_heads(k_b2nhk, h), repeat_heads(v_b2nhv, h), mask_bn2n)
-        new = XLCache(k_bnhk.astype(c.k.dtype), v_bnhv.astype(c.v.dtype), jnp.ones_like(c.valid))
-        return new, out_bnhv.astype(q_bnhk.dtype)
+        out_bnhv = _softmax_attention(q_bnhk, repeat_heads(k_b2ngk, h), repeat_heads(v_b2ngk, h), mask_bn2n)
+        return None, out_bnhv.astype(q_bnhk.dtype)
 
-    final, out_sbnhv = jax.lax.scan(body, cache, xs)
-    return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
+    _, out_sbnhv = jax.lax.scan(body, None, xs + (prev_valid_sb,))
+    return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1)
 
 
 def reset_xl_cache(cache: XLCache, reset_b: jax.Array) -> XLCache:

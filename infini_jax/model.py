@@ -131,21 +131,26 @@ class Attention(nnx.Module):
         if cfg.attention == "infini":
             self.gate_logit = nnx.Param(jnp.full((h,), cfg.gate_init, jnp.float32), axes=("heads",))
 
-    def __call__(self, x_bld, state, reset_b):
+    def __call__(self, x_bld, state, reset_b, write_scale_bs=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = x_bld.astype(dt)
+        wk_dgk, wv_dgk = self.wk_dgk[...].astype(dt), self.wv_dgk[...].astype(dt)
         q_blhk = jnp.einsum("bld,dhk->blhk", x, self.wq_dhk[...].astype(dt))  # [B,L,D] x [D,H,K]
-        k_blgk = jnp.einsum("bld,dgk->blgk", x, self.wk_dgk[...].astype(dt))  # [B,L,D] x [D,G,K]
-        v_blgk = jnp.einsum("bld,dgk->blgk", x, self.wv_dgk[...].astype(dt))
+        k_blgk = jnp.einsum("bld,dgk->blgk", x, wk_dgk)  # [B,L,D] x [D,G,K]
+        v_blgk = jnp.einsum("bld,dgk->blgk", x, wv_dgk)
         if cfg.attention == "infini":
             state = attn.reset_memory(state, reset_b)
             out_blhk, state = attn.infini_attention_sequence(
                 q_blhk, k_blgk, v_blgk, self.gate_logit[...], segment_len=cfg.segment_len,
-                rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope_base)
-        elif cfg.attention == "xl":
+                rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope_base, write_scale_bs=write_scale_bs)
+        elif cfg.attention == "xl":  # the cached half's K/V: current weights on stop-gradient previous inputs
             state = attn.reset_xl_cache(state, reset_b)
-            out_blhk, state = attn.xl_attention_sequence(
-                q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, cache=state, rope_base=cfg.rope_base)
+            xp_bld = attn.xl_previous_inputs(x, state, cfg.segment_len)
+            kp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wk_dgk)  # [B,L,D] x [D,G,K]
+            vp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wv_dgk)
+            out_blhk = attn.xl_attention_sequence(q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, state.valid,
+                                                  segment_len=cfg.segment_len, rope_base=cfg.rope_base)
+            state = attn.XLCache(x=x[:, -cfg.segment_len:].astype(state.x.dtype), valid=jnp.ones_like(state.valid))
         elif cfg.attention == "local":
             out_blhk = attn.local_attention_sequence(
                 q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, rope_base=cfg.rope_base)
@@ -184,15 +189,15 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_bld, state, reset_b):
-        y_bld, state = self.attn(self.attn_norm(x_bld), state, reset_b)
+    def __call__(self, x_bld, state, reset_b, write_scale_bs=None):
+        y_bld, state = self.attn(self.attn_norm(x_bld), state, reset_b, write_scale_bs)
         x_bld = x_bld + y_bld
         x_bld = x_bld + self.mlp(self.mlp_norm(x_bld))
         return x_bld, state
 
 
-def _block_forward(block: Block, x_bld, state, reset_b):
-    return block(x_bld, state, reset_b)
+def _block_forward(block: Block, x_bld, state, reset_b, write_scale_bs=None):
+    return block(x_bld, state, reset_b, write_scale_bs)
 
 
 def _state_layers(state, cfg: ModelConfig) -> int:
@@ -237,8 +242,7 @@ class InfiniTransformer(nnx.Module):
         if cfg.attention == "infini":
             make = lambda: attn.init_memory(batch, cfg.kv_heads, cfg.head_dim, cfg.head_dim)  # noqa: E731
         elif cfg.attention == "xl":
-            make = lambda: attn.init_xl_cache(  # noqa: E731
-                batch, cfg.segment_len, cfg.kv_heads, cfg.head_dim, cfg.head_dim, jnp.dtype(cfg.dtype))
+            make = lambda: attn.init_xl_cache(batch, cfg.segment_len, cfg.d_model, jnp.dtype(cfg.dtype))  # noqa: E731
         else:
             make = lambda: ()  # noqa: E731
         layers = tuple(make() for _ in range(cfg.num_layers))
@@ -246,8 +250,11 @@ class InfiniTransformer(nnx.Module):
             return jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if layers[0] != () else ()
         return layers
 
-    def hidden(self, tokens_bl, state: Optional[tuple] = None, reset_b=None):
-        """tokens [B, L] int → (final-normed hidden states [B, L, D], new per-layer state)."""
+    def hidden(self, tokens_bl, state: Optional[tuple] = None, reset_b=None, write_scale_bs=None):
+        """tokens [B, L] int → (final-normed hidden states [B, L, D], new per-layer state).
+
+        write_scale_bs [B, L / segment_len] (infini only, optional): memory-write scale per row and segment
+        (memory-mass augmentation in training; attention.update). None = 1 everywhere, as in the paper."""
         cfg = self.cfg
         if jnp.ndim(tokens_bl) != 2:
             raise ValueError(f"tokens must have shape [batch, length], got {jnp.shape(tokens_bl)}")
@@ -265,22 +272,24 @@ class InfiniTransformer(nnx.Module):
         reset_b = jnp.zeros((b,), bool) if reset_b is None else jnp.asarray(reset_b, bool)
         if reset_b.shape != (b,):
             raise ValueError(f"reset must have shape [batch] = ({b},), got {reset_b.shape}")
+        if write_scale_bs is not None and cfg.attention != "infini":
+            write_scale_bs = None  # only a compressive memory has writes to scale
         dt = jnp.dtype(cfg.dtype)
         x_bld = jnp.take(self.embed_vd[...], tokens_bl, axis=0).astype(dt)
         if cfg.embed_scale:
             x_bld = x_bld * jnp.asarray(cfg.d_model ** 0.5, dt)
         forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
         if cfg.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0))
-            def over_layers(block, x_bld, layer_state, reset_b):
-                return forward(block, constrain(x_bld, ACT_AXES), layer_state, reset_b)
+            @nnx.scan(in_axes=(0, nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0))
+            def over_layers(block, x_bld, layer_state, reset_b, write_scale_bs):
+                return forward(block, constrain(x_bld, ACT_AXES), layer_state, reset_b, write_scale_bs)
 
-            x_bld, new_state = over_layers(self.blocks, x_bld, state, reset_b)
+            x_bld, new_state = over_layers(self.blocks, x_bld, state, reset_b, write_scale_bs)
             return constrain(self.final_norm(x_bld), ACT_AXES), new_state
         new_state = []
         for block, layer_state in zip(self.blocks, state):
             x_bld = constrain(x_bld, ACT_AXES)
-            x_bld, layer_state = forward(block, x_bld, layer_state, reset_b)
+            x_bld, layer_state = forward(block, x_bld, layer_state, reset_b, write_scale_bs)
             new_state.append(layer_state)
         return constrain(self.final_norm(x_bld), ACT_AXES), tuple(new_state)
 

@@ -27,10 +27,10 @@ def _length_label(n: int) -> str:
     return str(n)
 
 
-def passkey_heatmap(sweep: dict, path: str | Path, title: str = "Passkey retrieval: token accuracy (%)") -> Path:
+def passkey_heatmap(sweep: dict, path: str | Path, title: str = "Passkey retrieval: digit accuracy (%)") -> Path:
     """sweep = evaluate.passkey_sweep(...): rows = depth (0% at top), columns = prompt length."""
     plt = _plt()
-    acc = np.asarray(sweep["accuracy"], float) * 100  # [n_depths, n_lengths]
+    acc = np.asarray(sweep["digit_accuracy"], float) * 100  # [n_depths, n_lengths]
     lengths, depths = sweep["lengths"], sweep["depths"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
     im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")

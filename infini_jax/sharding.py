@@ -180,13 +180,12 @@ def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict:
 
 # Logical axes of the recurrent state (model.init_state), mapped through the same RULES as the params.
 MEMORY_AXES = attn.MemoryState(M=("batch", "kv_heads", "key", "value"), z=("batch", "kv_heads", "key"))
-XL_CACHE_AXES = attn.XLCache(k=("batch", "length", "kv_heads", "head_dim"),
-                             v=("batch", "length", "kv_heads", "head_dim"), valid=("batch",))
+XL_CACHE_AXES = attn.XLCache(x=("batch", "length", "act_embed"), valid=("batch",))
 
 
 def memory_shardings(mesh: Mesh, state_tree):
-    """Shardings of the per-layer recurrent state: MemoryState M [B,G,K,V], z [B,G,K] and XLCache k/v
-    [B,N,G,K], valid [B] (G = key/value heads): rows over the batch axes, heads over tensor (RULES)."""
+    """Shardings of the per-layer recurrent state: MemoryState M [B,G,K,V], z [B,G,K] and XLCache x [B,N,D],
+    valid [B] (G = key/value heads): rows over the batch axes, heads over tensor (RULES)."""
     def spec(x, logical):
         return NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, name="memory"))
 

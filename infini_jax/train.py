@@ -161,7 +161,7 @@ def _token_sums(graphdef, params, batch, memory=None):
     128K vocabulary that tensor alone would be terabytes across a pod).
     """
     model = nnx.merge(graphdef, params)
-    x_bld, memory = model.hidden(batch["tokens"], memory, batch["reset"])
+    x_bld, memory = model.hidden(batch["tokens"], memory, batch["reset"], batch.get("write_scale"))
     w_dv, dtype = model.output_embedding(), model.cfg.dtype
     b, l, _ = x_bld.shape
     chunk = _loss_chunk(l, model.cfg.segment_len)
@@ -379,7 +379,8 @@ def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, p
         from infini_jax.data import make_iterator
     seq_len = model_cfg.seq_len
     data_index, data_count = shd.data_shard(mesh, bs)
-    data_kw = dict(seq_len=seq_len, batch_size=bs, process_index=data_index, process_count=data_count)
+    data_kw = dict(seq_len=seq_len, batch_size=bs, process_index=data_index, process_count=data_count,
+                   segment_len=model_cfg.segment_len)
     train_iter = make_iterator(config.data, split="train", train=True, **data_kw)
 
     tx, lr_fn, gate_lr_fn = optim_lib.make_optimizer(optim, total)

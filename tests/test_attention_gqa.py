@@ -44,9 +44,11 @@ def test_grouped_memory_equals_repeated_kv(rule, mode):
 def test_grouped_xl_and_local_equal_repeated_kv():
     q, k, v, _ = _inputs(1)
     k_rep, v_rep = A.repeat_heads(k, H), A.repeat_heads(v, H)
-    out_g, cache = A.xl_attention_sequence(q, k, v, segment_len=N, rope_base=100.0)
-    out_r, _ = A.xl_attention_sequence(q, k_rep, v_rep, segment_len=N, rope_base=100.0)
-    assert cache.k.shape == (B, N, G, K)
+    kp, vp = jnp.roll(k, N, axis=1), jnp.roll(v, N, axis=1)  # any previous-segment keys/values will do
+    valid = jnp.array([True, False])
+    out_g = A.xl_attention_sequence(q, k, v, kp, vp, valid, segment_len=N, rope_base=100.0)
+    out_r = A.xl_attention_sequence(q, k_rep, v_rep, A.repeat_heads(kp, H), A.repeat_heads(vp, H), valid,
+                                    segment_len=N, rope_base=100.0)
     np.testing.assert_allclose(out_g, out_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(A.local_attention_sequence(q, k, v, segment_len=N),
                                A.local_attention_sequence(q, k_rep, v_rep, segment_len=N), atol=1e-6)

@@ -15,6 +15,9 @@ passkey    passkey_digits=5, passkey_min_len=None (total example length drawn fr
            None = always seq_len+1), passkey_depth_min=0.0, passkey_depth_max=1.0,
            passkey_loss_on_all=False (True: loss on every non-pad token, not only the answer),
            passkey_intro=True (False drops the paper's intro sentence: ~150 fewer tokens for short windows),
+           passkey_haystack='' (a folder of .txt books: real prose replaces the filler; its `split` subfolder
+           is used when there is one), passkey_mass_prob=0.0 and passkey_mass_max=128 (memory-mass
+           augmentation in training, see PasskeyIterator; needs make_iterator(segment_len=...)),
            eval_batches=4 (eval: number of batches when num_batches is unset; eval seed = seed + 1_000_003).
            No data_dir.
 text       data_dir (required: folder with train/validation/test subfolders or flat; .txt/.tex/.md/.jsonl),
@@ -31,15 +34,16 @@ import grain
 
 from infini_jax.data.booksum import BookSumSource, booksum_example, booksum_prompt, rouge_scores
 from infini_jax.data.documents import DirectorySource, DocumentSource, PG19Source, build_pg19
-from infini_jax.data.passkey import (PasskeyExample, PasskeyIterator, PasskeyStream, make_passkey_example,
-                                     passkey_text)
+from infini_jax.data.passkey import (Haystack, PasskeyExample, PasskeyIterator, PasskeyStream,
+                                     make_passkey_example, passkey_text)
 from infini_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 from infini_jax.data.windows import WindowIterator, example_window, iter_example_windows, text_example
 
 VALID_NAMES = ("passkey", "text", "pg19", "booksum")
 
 __all__ = [
-    "BookSumSource", "ByteTokenizer", "DirectorySource", "DocumentSource", "PG19Source", "PasskeyExample",
+    "BookSumSource", "ByteTokenizer", "DirectorySource", "DocumentSource", "Haystack", "PG19Source",
+    "PasskeyExample",
     "PasskeyIterator", "PasskeyStream", "SentencePieceTokenizer", "VALID_NAMES", "WindowIterator",
     "booksum_example", "booksum_prompt", "build_pg19", "check_data_config", "example_window", "iter_example_windows",
     "load_tokenizer", "make_iterator", "make_passkey_example", "passkey_text", "rouge_scores", "text_example",
@@ -57,7 +61,8 @@ def _get(cfg, key, default):
 _COMMON_KEYS = {"name", "tokenizer", "seed", "num_batches", "data_dir"}  # data_dir: unused by passkey
 _KEYS = {
     "passkey": {"passkey_digits", "passkey_min_len", "passkey_depth_min", "passkey_depth_max",
-                "passkey_loss_on_all", "passkey_intro", "eval_batches"},
+                "passkey_loss_on_all", "passkey_intro", "passkey_haystack", "passkey_mass_prob",
+                "passkey_mass_max", "eval_batches"},
     "text": {"text_field", "extensions"},
     "pg19": set(),
     "booksum": {"document_field", "summary_field", "separator", "max_document_tokens"},
@@ -79,8 +84,9 @@ def check_data_config(data_cfg) -> None:
 
 
 def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, process_index: int = 0,
-                  process_count: int = 1, train: bool = True):
-    """The per-host batch iterator for config.data (see the module docstring for the fields read)."""
+                  process_count: int = 1, train: bool = True, segment_len: int | None = None):
+    """The per-host batch iterator for config.data (see the module docstring for the fields read).
+    segment_len: the model's, for sources that mark segments (passkey memory-mass augmentation)."""
     check_data_config(data_cfg)
     name = _get(data_cfg, "name", None)
     if batch_size % process_count:
@@ -93,6 +99,12 @@ def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, proces
     if name == "passkey":
         if not train and num_batches is None:
             num_batches = int(_get(data_cfg, "eval_batches", 4))
+        haystack = _get(data_cfg, "passkey_haystack", "")
+        if haystack:
+            from etils import epath
+
+            sub = epath.Path(haystack) / split
+            haystack = Haystack(tokenizer, sub if sub.is_dir() else haystack)
         return PasskeyIterator(
             tokenizer, seq_len=seq_len, batch_size=local_batch,
             seed=seed if train else seed + 1_000_003, process_index=process_index,
@@ -101,7 +113,9 @@ def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, proces
             depth_min=float(_get(data_cfg, "passkey_depth_min", 0.0)),
             depth_max=float(_get(data_cfg, "passkey_depth_max", 1.0)),
             loss_on_all=bool(_get(data_cfg, "passkey_loss_on_all", False)),
-            intro=bool(_get(data_cfg, "passkey_intro", True)), num_batches=num_batches)
+            intro=bool(_get(data_cfg, "passkey_intro", True)), num_batches=num_batches, haystack=haystack or None,
+            segment_len=segment_len, mass_prob=float(_get(data_cfg, "passkey_mass_prob", 0.0)) if train else 0.0,
+            mass_max=float(_get(data_cfg, "passkey_mass_max", 128.0)))
 
     data_dir = _get(data_cfg, "data_dir", None)
     if name == "text":

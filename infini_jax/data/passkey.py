@@ -15,6 +15,11 @@ before every unit, it equals encoding the joined text up to SentencePiece's whit
 ``intro=False`` drops the intro (for short training windows; the first unit then keeps its leading space).
 ``length`` means the total of [bos] + prompt + answer tokens; the builder uses the largest ``n_filler`` whose
 total is <= length, so the total is in (length - len(filler_ids), length].
+
+Book-text haystack (``Haystack``): the filler is replaced by a contiguous span of real prose from the .txt files
+of a folder (seeded start, starting at a word), and the key line is inserted at the word start nearest to
+``depth`` of the way through it. The intro, key line, question and answer are the paper's. The total is then
+exactly ``length``.
 """
 
 from __future__ import annotations
@@ -53,6 +58,54 @@ def passkey_text(n_filler: int, depth: float, passkey: str) -> tuple[str, str]:
     return " ".join(units), " " + passkey
 
 
+class Haystack:
+    """Real prose to hide the passkey in: the .txt files in `directory` and its subfolders (sorted; `directory`
+    may be gs://), tokenized once
+    and joined by blank lines. `span(n, rng)` returns n tokens starting at a random word start (wrapping around
+    at the end), and `word_start(ids, i)` moves an index forward to the next word start."""
+
+    def __init__(self, tokenizer, directory):
+        from etils import epath
+
+        root = epath.Path(directory)
+        files = sorted([*root.glob("*.txt"), *root.glob("*/*.txt")]) if root.is_dir() else []
+        if not files:
+            raise ValueError(f"passkey haystack {directory!r} holds no .txt files: point it at a folder of books")
+        text = "\n\n".join(f.read_text() for f in files)
+        self.ids_T = np.asarray(tokenizer.encode_np(text) if hasattr(tokenizer, "encode_np")
+                                else tokenizer.encode(text), np.int32)
+        self.starts_T = _word_starts(tokenizer, self.ids_T)
+        self.lead = 0 if getattr(tokenizer, "space_prefix", False) else 1  # bytes: keep the whitespace before
+        self.directory, self.n_files = str(directory), len(files)
+
+    def span(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        if n <= 0:
+            return np.zeros(0, np.int32)
+        candidates = np.flatnonzero(self.starts_T)
+        start = int(candidates[rng.integers(len(candidates))]) - self.lead
+        idx_N = (start + np.arange(n)) % len(self.ids_T)
+        return self.ids_T[idx_N]
+
+    def insert_at(self, prose_N: np.ndarray, depth: float, tokenizer) -> int:
+        """The word start at or after round(depth × len) (the end when none follows)."""
+        k = insert_index(len(prose_N), depth)
+        starts = np.flatnonzero(_word_starts(tokenizer, prose_N)[k:])
+        return k + int(starts[0]) if len(starts) else len(prose_N)
+
+
+def _word_starts(tokenizer, ids_T: np.ndarray) -> np.ndarray:
+    """bool [T]: token i begins a word (bytes: the previous byte is whitespace; SentencePiece: a '▁' piece)."""
+    offset = getattr(tokenizer, "offset", None)
+    if offset is not None:
+        prev_T = np.concatenate([[offset + ord(" ")], ids_T[:-1]]) - offset
+        return np.isin(prev_T, [ord(" "), ord("\n"), ord("\t")]) & ~np.isin(ids_T - offset, [ord(" "), ord("\n")])
+    sp = getattr(tokenizer, "_sp", None)
+    if sp is not None:
+        marks_V = np.array([sp.IdToPiece(i).startswith("\u2581") for i in range(sp.GetPieceSize())])
+        return marks_V[ids_T]
+    return np.ones(len(ids_T), bool)
+
+
 def _unit_ids(tokenizer, text: str, first: bool) -> np.ndarray:
     if not first and not getattr(tokenizer, "space_prefix", False):
         text = " " + text
@@ -69,12 +122,14 @@ class _Layout:
     answer_N: np.ndarray
 
     @classmethod
-    def make(cls, tokenizer, passkey: str, add_bos: bool, intro: bool = True) -> "_Layout":
+    def make(cls, tokenizer, passkey: str, add_bos: bool, intro: bool = True, prose: bool = False) -> "_Layout":
         return cls(
             bos_N=np.asarray([tokenizer.bos_id] if add_bos else [], dtype=np.int32),
             intro_N=_unit_ids(tokenizer, INTRO, True) if intro else np.zeros(0, np.int32),
             filler_N=_unit_ids(tokenizer, FILLER, False),
-            key_N=_unit_ids(tokenizer, KEY_TEMPLATE.format(key=passkey), False),
+            # in prose the key line sits between words: the whitespace before it is the prose's, after it ours
+            key_N=_unit_ids(tokenizer, KEY_TEMPLATE.format(key=passkey)
+                            + (" " if prose and not getattr(tokenizer, "space_prefix", False) else ""), prose),
             question_N=_unit_ids(tokenizer, QUESTION, False),
             answer_N=_unit_ids(tokenizer, passkey, False),
         )
@@ -93,26 +148,37 @@ class PasskeyStream:
     """A passkey prompt of ~``length`` tokens, produced chunk by chunk (bounded memory, any length).
 
     Attributes known before streaming: ``total_len`` (tokens yielded, including the answer when
-    include_answer), ``prompt_len`` (= answer_start), ``answer_ids``, ``key_start`` (index of the key line's
-    first token), ``n_filler``, ``passkey``. Iterating yields int32 arrays of at most ``chunk_tokens`` tokens.
+    include_answer), ``prompt_len`` (= answer_start), ``answer_ids``, ``key_start`` / ``key_len`` (the key
+    line's first token and length), ``n_filler``, ``passkey``. Iterating yields int32 arrays of at most
+    ``chunk_tokens`` tokens. With a ``haystack`` (a `Haystack`), prose replaces the filler (``n_filler`` = 0).
     For teacher-forced token accuracy, the model's predictions at positions answer_start-1 ...
     answer_start+len(answer_ids)-2 must equal answer_ids.
     """
 
     def __init__(self, tokenizer, length: int, depth: float = 0.5, *, passkey: str | None = None, seed: int = 0,
                  n_digits: int = 5, chunk_tokens: int = 65536, add_bos: bool = True, include_answer: bool = True,
-                 intro: bool = True):
+                 intro: bool = True, haystack: Haystack | None = None):
+        rng = np.random.default_rng(seed)
         if passkey is None:
-            passkey = random_passkey(np.random.default_rng(seed), n_digits)
+            passkey = random_passkey(rng, n_digits)
         self.passkey = passkey
         self.chunk_tokens = int(chunk_tokens)
         self.include_answer = include_answer
-        self._lay = _Layout.make(tokenizer, passkey, add_bos, intro)
-        self.n_filler = self._lay.n_filler_for(length)
-        self.n_before = insert_index(self.n_filler, depth)
-        lay = self._lay
-        self.key_start = len(lay.bos_N) + len(lay.intro_N) + self.n_before * len(lay.filler_N)
-        self.prompt_len = lay.fixed_len - len(lay.answer_N) + self.n_filler * len(lay.filler_N)
+        self._lay = lay = _Layout.make(tokenizer, passkey, add_bos, intro, prose=haystack is not None)
+        if haystack is None:
+            self._prose = None
+            self.n_filler = lay.n_filler_for(length)
+            self.n_before = insert_index(self.n_filler, depth)
+            self.key_start = len(lay.bos_N) + len(lay.intro_N) + self.n_before * len(lay.filler_N)
+            body_len = self.n_filler * len(lay.filler_N)
+        else:
+            lay.n_filler_for(length)  # the same "too short" error
+            self._prose = haystack.span(length - lay.fixed_len, rng)
+            self.n_filler, self.n_before = 0, haystack.insert_at(self._prose, depth, tokenizer)
+            self.key_start = len(lay.bos_N) + len(lay.intro_N) + self.n_before
+            body_len = len(self._prose)
+        self.key_len = len(lay.key_N)
+        self.prompt_len = lay.fixed_len - len(lay.answer_N) + body_len
         self.answer_start = self.prompt_len
         self.answer_ids = lay.answer_N.copy()
         self.total_len = self.prompt_len + (len(lay.answer_N) if include_answer else 0)
@@ -121,11 +187,16 @@ class PasskeyStream:
         lay = self._lay
         yield lay.bos_N
         yield lay.intro_N
-        for _ in range(self.n_before):
-            yield lay.filler_N
-        yield lay.key_N
-        for _ in range(self.n_filler - self.n_before):
-            yield lay.filler_N
+        if self._prose is not None:
+            yield self._prose[:self.n_before]
+            yield lay.key_N
+            yield self._prose[self.n_before:]
+        else:
+            for _ in range(self.n_before):
+                yield lay.filler_N
+            yield lay.key_N
+            for _ in range(self.n_filler - self.n_before):
+                yield lay.filler_N
         yield lay.question_N
         if self.include_answer:
             yield lay.answer_N
@@ -153,6 +224,7 @@ class PasskeyExample:
     prompt_len: int         # = answer_start
     answer_ids: np.ndarray  # int32 [A]
     key_start: int          # token index of the key line
+    key_len: int            # tokens of the key line
     n_filler: int
     passkey: str
 
@@ -162,28 +234,39 @@ class PasskeyExample:
 
 
 def make_passkey_example(tokenizer, length: int, depth: float = 0.5, *, seed: int = 0, passkey: str | None = None,
-                         n_digits: int = 5, add_bos: bool = True, intro: bool = True) -> PasskeyExample:
+                         n_digits: int = 5, add_bos: bool = True, intro: bool = True,
+                         haystack: Haystack | None = None) -> PasskeyExample:
     """One whole example (prompt + answer) with total tokens in (length - len(filler), length]."""
     stream = PasskeyStream(tokenizer, length, depth, passkey=passkey, seed=seed, n_digits=n_digits,
-                           chunk_tokens=max(1, length), add_bos=add_bos, include_answer=True, intro=intro)
+                           chunk_tokens=max(1, length), add_bos=add_bos, include_answer=True, intro=intro,
+                           haystack=haystack)
     tokens_T = np.concatenate(list(stream)) if stream.total_len else np.zeros(0, np.int32)
-    return PasskeyExample(tokens_T, stream.prompt_len, stream.answer_ids, stream.key_start, stream.n_filler,
-                          stream.passkey)
+    return PasskeyExample(tokens_T, stream.prompt_len, stream.answer_ids, stream.key_start, stream.key_len,
+                          stream.n_filler, stream.passkey)
 
 
 class PasskeyIterator:
-    """Batches of passkey examples in the contract's format, answers ending at the window end.
+    """Batches of passkey examples in the contract's format, right-padded.
 
     Each row is one example of total length drawn uniformly from [min_len, seq_len + 1] (seq_len + 1 tokens
-    give seq_len inputs and seq_len shifted targets), left-padded with pad_id to seq_len + 1. loss_mask is 1
+    give seq_len inputs and seq_len shifted targets), placed at position 0 and right-padded with pad_id, so the
+    layout is the evaluation's (prompt from the start, nothing attended or written before it). loss_mask is 1
     on the answer targets only (or on every non-pad target when loss_on_all). reset is True on every row.
     Examples are a pure function of (seed, process_index, batch number), so get_state() is just the counter.
     With num_batches set the iterator is finite (evaluation), otherwise infinite.
+
+    Memory-mass augmentation (mass_prob > 0, needs segment_len): in a random mass_prob share of the rows, the
+    memory writes of every segment that holds no token of the key line are scaled by one c ~ log-uniform
+    [1, mass_max] per row, emitted as batch["write_scale"] [B, seq_len / segment_len] (the model multiplies
+    σ(K)ᵀV and Σσ(K) by it). For the linear rule this is exactly the memory that segment would leave had it
+    been seen c times: a much longer haystack at no extra compute.
     """
 
     def __init__(self, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, process_index: int = 0,
                  n_digits: int = 5, min_len: int | None = None, depth_min: float = 0.0, depth_max: float = 1.0,
-                 loss_on_all: bool = False, num_batches: int | None = None, intro: bool = True):
+                 loss_on_all: bool = False, num_batches: int | None = None, intro: bool = True,
+                 haystack: Haystack | None = None, segment_len: int | None = None, mass_prob: float = 0.0,
+                 mass_max: float = 128.0):
         self.tok = tokenizer
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.seed, self.process_index = int(seed), int(process_index)
@@ -191,8 +274,16 @@ class PasskeyIterator:
         self.max_len = self.seq_len + 1
         self.min_len = self.max_len if min_len is None else int(min(min_len, self.max_len))
         self.depth_min, self.depth_max = float(depth_min), float(depth_max)
-        self.num_batches, self.intro = num_batches, bool(intro)
+        self.num_batches, self.intro, self.haystack = num_batches, bool(intro), haystack
+        self.mass_prob, self.mass_max = float(mass_prob), float(mass_max)
+        self.segment_len = None if segment_len is None else int(segment_len)
         self.step = 0
+        if not 0.0 <= self.mass_prob <= 1.0 or self.mass_max < 1.0:
+            raise ValueError(f"passkey_mass_prob must be in [0, 1] and passkey_mass_max >= 1, got "
+                             f"{self.mass_prob} and {self.mass_max}")
+        if self.mass_prob > 0 and (not self.segment_len or self.seq_len % self.segment_len):
+            raise ValueError(f"memory-mass augmentation needs the model's segment_len dividing seq_len "
+                             f"{self.seq_len}, got segment_len={segment_len}")
         shortest = _Layout.make(tokenizer, "9" * self.n_digits, True, self.intro).fixed_len
         if self.min_len < shortest:
             raise ValueError(f"passkey min_len/seq_len too small: {self.min_len} < {shortest} tokens "
@@ -208,24 +299,30 @@ class PasskeyIterator:
         B, L = self.batch_size, self.seq_len
         seq_BL1 = np.full((B, L + 1), self.tok.pad_id, dtype=np.int32)
         score_BL1 = np.zeros((B, L + 1), dtype=np.float32)  # weight of each position *as a target*
+        scale_BS = np.ones((B, L // self.segment_len if self.mass_prob > 0 else 0), np.float32)
         for b in range(B):
             length = int(rng.integers(self.min_len, self.max_len + 1))
             depth = float(rng.uniform(self.depth_min, self.depth_max))
             ex = make_passkey_example(self.tok, length, depth, passkey=random_passkey(rng, self.n_digits),
-                                      intro=self.intro)
-            off = L + 1 - len(ex.tokens)
-            seq_BL1[b, off:] = ex.tokens
-            if self.loss_on_all:
-                score_BL1[b, off + 1:] = 1.0
-            else:
-                score_BL1[b, off + ex.answer_start:] = 1.0
+                                      intro=self.intro, haystack=self.haystack, seed=int(rng.integers(2**31)))
+            n = len(ex.tokens)
+            seq_BL1[b, :n] = ex.tokens
+            score_BL1[b, 1 if self.loss_on_all else ex.answer_start:n] = 1.0
+            if self.mass_prob > 0 and rng.random() < self.mass_prob:
+                c = float(np.exp(rng.uniform(0.0, np.log(self.mass_max))))
+                first, last = ex.key_start // self.segment_len, (ex.key_start + ex.key_len - 1) // self.segment_len
+                scale_BS[b] = c
+                scale_BS[b, first:last + 1] = 1.0
         self.step += 1
-        return {
+        batch = {
             "tokens": np.ascontiguousarray(seq_BL1[:, :-1]),
             "targets": np.ascontiguousarray(seq_BL1[:, 1:]),
             "loss_mask": np.ascontiguousarray(score_BL1[:, 1:]),
             "reset": np.ones((B,), dtype=bool),
         }
+        if self.mass_prob > 0:
+            batch["write_scale"] = scale_BS
+        return batch
 
     def get_state(self) -> dict:
         return {"kind": "passkey", "step": self.step, "seed": self.seed, "process_index": self.process_index}
