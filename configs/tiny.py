@@ -16,15 +16,16 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
 
     config.model = dict(
-        vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=None, head_dim=16, d_ff=256,
-        segment_len=64, n_segments=4, attention=arg.attention, rule=arg.rule, mode=arg.mode,
+        vocab_size=259, d_model=128, num_layers=2, num_heads=4, num_kv_heads=None, head_dim=32, d_ff=512,
+        segment_len=64, n_segments=8, attention=arg.attention, rule=arg.rule, mode=arg.mode,
         mlp="gated", activation="silu", tie_embeddings=True, embed_scale=False, rope_base=10000.0,
         gate_init=0.0, norm_eps=1e-6, dtype="float32", param_dtype="float32", remat=False, init_std=0.02,
         scan_layers=False,
     )
     config.data = dict(
         name="passkey", tokenizer="byte", seed=0, data_dir="",  # data_dir: for name=text|pg19|booksum
-        passkey_digits=5, passkey_depth_min=0.0, passkey_depth_max=1.0, passkey_loss_on_all=True,
+        passkey_digits=5, passkey_depth_min=0.0, passkey_depth_max=1.0, passkey_loss_on_all=False,
+        passkey_min_len=300, passkey_intro=True, passkey_haystack="", passkey_mass_prob=0.5, passkey_mass_max=128.0,
     )
     config.train = dict(
         steps=300, batch_size=8, seed=0, log_every=20, eval_every=100, eval_batches=4,

@@ -1,0 +1,111 @@
+"""How the embedded default was chosen: train variants of configs/tiny.py and score each on the passkey.
+
+    python experiments/passkey_sweep.py --variants base,linear --steps 1500 --out runs/sweep
+    python experiments/passkey_sweep.py --variants all --workers 4 ...   # parallel processes (a GPU host)
+
+Each variant is a set of config overrides (VARIANTS below). For each it trains, then prints the passkey digit
+accuracy at 1x and 16x the training length (depths 0, 0.5, 1; --trials passkeys per cell) and the same with the
+memory knocked out. One JSON line per variant goes to OUT/sweep.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {
+    "base": {},
+    "linear": {"model.rule": "linear"},
+    "delta": {"model.rule": "delta"},
+    "no_mass": {"data.passkey_mass_prob": 0.0},
+    "loss_all": {"data.passkey_loss_on_all": True},
+    "seg32": {"model.segment_len": 32, "model.n_segments": 16},
+    "lr1e-3": {"optim.lr": 1e-3},
+    "d64": {"model.d_model": 64, "model.head_dim": 16, "model.d_ff": 256},
+    "layers3": {"model.num_layers": 3},
+    "gate_lr1e-1": {"optim.gate_lr": 0.1},
+    "bs16": {"train.batch_size": 16},
+    "lr1e-2": {"optim.lr": 1e-2},
+    "no_intro256": {"data.passkey_intro": False, "model.n_segments": 4, "data.passkey_min_len": 150},
+    "delta_no_mass": {"model.rule": "delta", "data.passkey_mass_prob": 0.0},
+    "d64_seg32": {"model.d_model": 64, "model.head_dim": 16, "model.d_ff": 256, "model.segment_len": 32,
+                  "model.n_segments": 16},
+}
+
+
+def apply(config, overrides: dict):
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        getattr(config, section)[name] = value
+    return config
+
+
+def run_variant(name: str, steps: int, out: Path, trials: int, arg: str) -> dict:
+    import jax
+
+    from configs.tiny import get_config
+    from infini_jax import evaluate as ev
+    from infini_jax.data import load_tokenizer
+    from infini_jax.model import gate_values
+    from infini_jax.train import train_and_evaluate
+
+    config = apply(get_config(arg), {**VARIANTS[name], "train.steps": steps, "train.eval_every": 0,
+                                     "train.ckpt_every": 0})
+    workdir = out / name
+    t0 = time.time()
+    result = train_and_evaluate(config, workdir, progress=False)
+    train_s = time.time() - t0
+    model, _ = ev.load_model(config, workdir=workdir)
+    tok = load_tokenizer("byte")
+    L = model.cfg.seq_len
+    row = {"variant": name, "overrides": VARIANTS[name], "steps": steps, "train_seconds": round(train_s, 1),
+           "train_loss": result.get("train", {}).get("loss"), "backend": jax.default_backend()}
+    for tag, m in (("memory", model), ("knockout", ev.knockout_model(model))):
+        sweep = ev.passkey_sweep(m, tok, [L, 16 * L], [0.0, 0.5, 1.0], trials=trials, seed=12345)
+        row[tag] = sweep["digit_accuracy"]
+    row["gates"] = jax.device_get(gate_values(model)).tolist() if model.cfg.attention == "infini" else None
+    print(json.dumps(row), flush=True)
+    with open(out / "sweep.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", default="base")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--arg", default="", help="configs/tiny.py arg, e.g. rule=delta")
+    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--workers", type=int, default=1)
+    a = p.parse_args()
+    names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.workers > 1:
+        procs, pending = [], list(names)
+        while pending or procs:
+            while pending and len(procs) < a.workers:
+                n = pending.pop(0)
+                cmd = [sys.executable, __file__, "--variants", n, "--steps", str(a.steps), "--trials", str(a.trials),
+                       "--arg", a.arg, "--out", str(out)]
+                procs.append(subprocess.Popen(cmd, env=dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.1")))
+            time.sleep(1)
+            procs = [q for q in procs if q.poll() is None]
+        return
+    for n in names:
+        try:
+            run_variant(n, a.steps, out, a.trials, a.arg)
+        except Exception as e:  # a sweep keeps going; the failure is printed
+            print(json.dumps({"variant": n, "error": repr(e)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
