@@ -106,16 +106,20 @@ def test_passkey_iterator_windows():
     assert batch["reset"].all()
     for b in range(4):
         mask = batch["loss_mask"][b]
-        # answer tokens are exactly the last targets of the window
-        n = int(mask.sum())
-        assert n == 6 and mask[-n:].all()
-        answer = TOK.decode(batch["targets"][b][-n:])
+        # right-padded: the example starts at position 0 and the answer targets end where the padding starts
+        assert batch["tokens"][b][0] == TOK.bos_id
+        scored = np.flatnonzero(mask)
+        n = len(scored)
+        assert n == 6 and np.array_equal(scored, np.arange(scored[0], scored[0] + n))
+        end = scored[-1] + 1
+        assert (batch["targets"][b][end:] == TOK.pad_id).all()
+        answer = TOK.decode(batch["targets"][b][scored])
         assert answer.startswith(" ") and answer[1:].isdigit()
-        text = TOK.decode(batch["tokens"][b])
+        text = TOK.decode(batch["tokens"][b][:end])
         assert text.endswith("What is the pass key? The pass key is" + answer[:-1])
         assert f"The pass key is {answer[1:]}." in text
         np.testing.assert_array_equal(batch["tokens"][b][1:], batch["targets"][b][:-1])
-    assert (batch["tokens"] == TOK.pad_id).any()  # min_len < seq_len + 1 gave left padding
+    assert (batch["tokens"] == TOK.pad_id).any()  # min_len < seq_len + 1 gave (right) padding
     # deterministic, resumable
     it2 = PasskeyIterator(TOK, seq_len=512, batch_size=4, seed=0, min_len=300)
     np.testing.assert_array_equal(next(it2)["tokens"], batch["tokens"])
@@ -125,12 +129,11 @@ def test_passkey_iterator_windows():
     it3 = PasskeyIterator(TOK, seq_len=512, batch_size=4, seed=0, min_len=300)
     it3.set_state(state)
     np.testing.assert_array_equal(next(it3)["tokens"], want["tokens"])
-    # loss on all non-pad tokens
-    full = next(PasskeyIterator(TOK, seq_len=512, batch_size=2, seed=0, loss_on_all=True))
-    for b in range(2):  # targets are scored from the bos on; the left pad (< one filler) is not
-        start = int(np.argmax(full["tokens"][b] == TOK.bos_id))
-        assert start < len(TOK.encode(" " + FILLER))
-        assert (full["loss_mask"][b][start:] == 1).all() and (full["loss_mask"][b][:start] == 0).all()
+    # loss on all non-pad tokens: every target from the first to the last real token, none on the padding
+    full = next(PasskeyIterator(TOK, seq_len=512, batch_size=2, seed=0, min_len=300, loss_on_all=True))
+    for b in range(2):
+        n_real = int((full["targets"][b] != TOK.pad_id).sum())
+        assert (full["loss_mask"][b][:n_real] == 1).all() and (full["loss_mask"][b][n_real:] == 0).all()
 
 
 def test_make_iterator_passkey_eval_finite():

@@ -87,10 +87,11 @@ class Haystack:
         return self.ids_T[idx_N]
 
     def insert_at(self, prose_N: np.ndarray, depth: float, tokenizer) -> int:
-        """The word start at or after round(depth × len) (the end when none follows)."""
+        """The first word start at or after round(depth × len), else the last one before it."""
         k = insert_index(len(prose_N), depth)
-        starts = np.flatnonzero(_word_starts(tokenizer, prose_N)[k:])
-        return k + int(starts[0]) if len(starts) else len(prose_N)
+        starts = np.flatnonzero(_word_starts(tokenizer, prose_N))
+        after = starts[starts >= k]
+        return int(after[0]) if len(after) else int(starts[-1]) if len(starts) else len(prose_N)
 
 
 def _word_starts(tokenizer, ids_T: np.ndarray) -> np.ndarray:

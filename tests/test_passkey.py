@@ -1,0 +1,108 @@
+"""Passkey evidence plumbing: right padding (training = evaluation layout), digit accuracy, memory-mass
+augmentation marks, and the book-text haystack."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from infini_jax import evaluate as ev
+from infini_jax.data import ByteTokenizer, Haystack, PasskeyIterator, PasskeyStream, make_passkey_example
+from infini_jax.data.passkey import KEY_TEMPLATE, QUESTION
+from infini_jax.model import InfiniTransformer, ModelConfig
+
+TOK = ByteTokenizer()
+CFG = ModelConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=2, head_dim=16, d_ff=64, segment_len=64,
+                  n_segments=8)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_same_example_padded_differently_gives_the_same_answer_logits(rule):
+    """Right padding: nothing precedes the prompt, so the amount of padding cannot change the answer."""
+    model = InfiniTransformer(ModelConfig(**{**CFG.__dict__, "rule": rule}), rngs=nnx.Rngs(0))
+    batch = next(PasskeyIterator(TOK, seq_len=512, batch_size=2, seed=5, min_len=300))
+    rows = []
+    for b in range(2):  # the two rows hold examples of different lengths: different amounts of padding
+        scored = np.flatnonzero(batch["loss_mask"][b])
+        n = scored[-1] + 1
+        for total in (512, 640):  # and each again with more padding
+            toks = np.full((1, total), TOK.pad_id, np.int32)
+            toks[0, :n] = batch["tokens"][b][:n]
+            logits, _ = model(jnp.asarray(toks))
+            rows.append((b, np.asarray(logits[0, scored])))
+    assert rows[0][1].shape == rows[2][1].shape
+    np.testing.assert_allclose(rows[0][1], rows[1][1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows[2][1], rows[3][1], rtol=1e-5, atol=1e-5)
+    assert int(batch["loss_mask"][0].sum()) == int(batch["loss_mask"][1].sum()) == 6
+    assert np.flatnonzero(batch["loss_mask"][0])[0] != np.flatnonzero(batch["loss_mask"][1])[0]
+
+
+def test_digit_accuracy_scores_only_the_digits(monkeypatch):
+    """An oracle that gets every digit right and the leading space wrong: digit accuracy 1, token 5/6."""
+    model = InfiniTransformer(CFG, rngs=nnx.Rngs(0))
+
+    def oracle(graphdef, params, state, tokens_bl, targets_bl, weight_bl):
+        pred = jnp.where(targets_bl == TOK.encode(" ")[0], TOK.encode("x")[0], targets_bl)  # space -> wrong
+        return state, pred, jnp.zeros(tokens_bl.shape)
+
+    monkeypatch.setattr(ev, "_stream_step", oracle)
+    sweep = ev.passkey_sweep(model, TOK, [600], [0.0, 1.0], trials=2)
+    for cell in sweep["cells"]:
+        assert cell["digit_accuracy"] == 1.0
+        assert cell["token_accuracy"] == pytest.approx(5 / 6)
+        assert cell["exact_match"] == 0.0
+        assert {"answer_nll", "passkeys", "seconds"} <= set(cell)
+    assert sweep["digit_accuracy"] == [[1.0], [1.0]]
+    assert "digit accuracy" in ev.format_passkey(sweep)
+
+
+def test_mass_augmentation_scales_every_segment_but_the_key_lines():
+    it = PasskeyIterator(TOK, seq_len=1024, batch_size=64, seed=1, min_len=400, segment_len=64, mass_prob=0.5,
+                         mass_max=128.0)
+    batch = next(it)
+    scale = batch["write_scale"]
+    assert scale.shape == (64, 16)
+    augmented = (scale != 1).any(1)
+    assert 16 < augmented.sum() < 48  # about half the rows
+    for b in range(64):
+        text = TOK.decode(batch["tokens"][b])
+        key = text.index("The pass key is ") + 1  # +1: the bos byte is not text
+        first, last = key // 64, (key + len(KEY_TEMPLATE.format(key="12345")) - 1) // 64
+        assert (scale[b, first:last + 1] == 1).all()
+        if augmented[b]:
+            others = np.delete(scale[b], range(first, last + 1))
+            assert np.all(others == others[0]) and 1 <= others[0] <= 128
+    assert "write_scale" not in next(PasskeyIterator(TOK, seq_len=1024, batch_size=2, seed=1))
+    with pytest.raises(ValueError, match="segment_len"):
+        PasskeyIterator(TOK, seq_len=1024, batch_size=2, mass_prob=0.5)
+
+
+def test_book_haystack_hides_the_key_line_in_prose(tmp_path):
+    book = " ".join(f"Word{i} went to the market on day {i % 7}." for i in range(400))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "book.txt").write_text(book)
+    hay = Haystack(TOK, tmp_path)
+    for depth in (0.0, 0.5, 1.0):
+        ex = make_passkey_example(TOK, 2000, depth, seed=3, haystack=hay)
+        text = TOK.decode(ex.tokens)
+        assert len(ex.tokens) == 2000
+        assert text.endswith(QUESTION + " " + ex.passkey)
+        key_line = KEY_TEMPLATE.format(key=ex.passkey)
+        assert TOK.decode(ex.tokens[ex.key_start:ex.key_start + ex.key_len]).strip() == key_line
+        before = TOK.decode(ex.tokens[:ex.key_start])
+        assert before[-1].isspace() and "market" in text and "grass" not in text
+        prose = len(ex.tokens) - ex.key_len - len(TOK.encode(QUESTION)) - 200
+        assert abs(ex.key_start - 150 - depth * prose) < 60  # at the word start nearest the depth
+    stream = PasskeyStream(TOK, 2000, 0.5, seed=3, haystack=hay, chunk_tokens=77)
+    np.testing.assert_array_equal(np.concatenate(list(stream)),
+                                  make_passkey_example(TOK, 2000, 0.5, seed=3, haystack=hay).tokens)
+    with pytest.raises(ValueError, match="no .txt files"):
+        Haystack(TOK, tmp_path / "a" / "nothing")
+
+
+def test_passkey_sweep_on_a_haystack(shared_dir):
+    model = InfiniTransformer(CFG, rngs=nnx.Rngs(0))
+    hay = Haystack(TOK, shared_dir / "corpus" / "pg19" / "test")
+    sweep = ev.passkey_sweep(model, TOK, [1024, 4096], [0.0, 1.0], trials=2, haystack=hay)
+    assert sweep["haystack"].endswith("test") and len(sweep["digit_accuracy"]) == 2
+    assert all(c["tokens"] in (1024, 4096) for c in sweep["cells"])
