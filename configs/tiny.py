@@ -25,7 +25,7 @@ def get_config(arg=None):
     config.data = dict(
         name="passkey", tokenizer="byte", seed=0, data_dir="",  # data_dir: for name=text|pg19|booksum
         passkey_digits=5, passkey_depth_min=0.0, passkey_depth_max=1.0, passkey_loss_on_all=False,
-        passkey_min_len=300, passkey_intro=True, passkey_haystack="", passkey_mass_prob=0.5, passkey_mass_max=128.0,
+        passkey_min_len=300, passkey_intro=1.0, passkey_haystack="", passkey_mass_prob=0.5, passkey_mass_max=128.0, passkey_mass_after=0,
     )
     config.train = dict(
         steps=300, batch_size=8, seed=0, log_every=20, eval_every=100, eval_batches=4,
@@ -36,5 +36,8 @@ def get_config(arg=None):
         weight_decay=0.1, clip_norm=1.0, grad_accum=1, b1=0.9, b2=0.95,
     )
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # evaluators run at the end of training: passkey digit accuracy at 1x, 16x and 64x the training length
+    config.evals = dict(passkey_x=(1, 16, 64), passkey_depths=(0.0, 0.5, 1.0), passkey_trials=10,
+                        passkey_knockout=True, passkey_seed=12345)
     config.lock()
     return config

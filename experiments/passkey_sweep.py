@@ -20,7 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+V2 = {"data.passkey_intro": 0.5, "data.passkey_min_len": 110, "data.passkey_mass_after": 300}
+MINI = {"model.d_model": 64, "model.head_dim": 16, "model.d_ff": 256, "model.segment_len": 32,
+        "model.n_segments": 4, "data.passkey_intro": 0.0, "data.passkey_min_len": 104, "data.passkey_mass_prob": 0.0,
+        "train.batch_size": 32}
 VARIANTS = {
+    "mini": MINI,
+    "mini_all": {**MINI, "data.passkey_loss_on_all": True},
+    "v2": V2,
+    "v2_all": {**V2, "data.passkey_loss_on_all": True},
+    "v2_delta": {**V2, "model.rule": "delta"},
     "base": {},
     "linear": {"model.rule": "linear"},
     "delta": {"model.rule": "delta"},
@@ -68,7 +77,7 @@ def run_variant(name: str, steps: int, out: Path, trials: int, arg: str) -> dict
     row = {"variant": name, "overrides": VARIANTS[name], "steps": steps, "train_seconds": round(train_s, 1),
            "train_loss": result.get("train", {}).get("loss"), "backend": jax.default_backend()}
     for tag, m in (("memory", model), ("knockout", ev.knockout_model(model))):
-        sweep = ev.passkey_sweep(m, tok, [L, 16 * L], [0.0, 0.5, 1.0], trials=trials, seed=12345)
+        sweep = ev.passkey_sweep(m, tok, [max(L, 512), 16 * L], [0.0, 0.5, 1.0], trials=trials, seed=12345)
         row[tag] = sweep["digit_accuracy"]
     row["gates"] = jax.device_get(gate_values(model)).tolist() if model.cfg.attention == "infini" else None
     print(json.dumps(row), flush=True)

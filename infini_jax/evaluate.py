@@ -468,6 +468,30 @@ def run(config, model: InfiniTransformer, tokenizer, *, tasks: Sequence[str] = T
     return out
 
 
+EVALS_DEFAULTS = dict(passkey_x=(), passkey_depths=(0.0, 0.5, 1.0), passkey_trials=10, passkey_knockout=True,
+                      passkey_seed=12345)
+
+
+def passkey_report(model: InfiniTransformer, tokenizer, evals_cfg, *, log=print) -> dict:
+    """The passkey evaluator of `config.evals` (run by train.py at the end of training): digit accuracy at
+    passkey_x × the training length (model.cfg.seq_len), at passkey_depths, passkey_trials passkeys per cell,
+    with the memory and (passkey_knockout, infini only) without it. Returns {"passkey", "passkey_knockout"}."""
+    from infini_jax.config import with_defaults
+
+    e = with_defaults("evals", evals_cfg, EVALS_DEFAULTS)
+    lengths = [int(x * model.cfg.seq_len) for x in e["passkey_x"]]
+    if not lengths:
+        return {}
+    kw = dict(trials=int(e["passkey_trials"]), seed=int(e["passkey_seed"]))
+    out = {"passkey": passkey_sweep(model, tokenizer, lengths, list(e["passkey_depths"]), **kw)}
+    log(format_passkey(out["passkey"]))
+    if e["passkey_knockout"] and model.cfg.attention == "infini":
+        out["passkey_knockout"] = passkey_sweep(knockout_model(model), tokenizer, lengths, list(e["passkey_depths"]),
+                                                **kw)
+        log("memory knocked out (every gate 0): " + format_passkey(out["passkey_knockout"]))
+    return out
+
+
 def format_passkey(sweep: dict) -> str:
     where = f" in the prose of {sweep['haystack']}" if sweep.get("haystack") else ""
     lines = [f"passkey digit accuracy (%){where}, {sweep['trials']} passkeys per cell, rows = depth, columns = length:",

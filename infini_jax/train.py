@@ -79,6 +79,9 @@ def validate_config(config, *, process_count: Optional[int] = None) -> tuple[Mod
         if section not in config:
             raise ValueError(f"config has no {section!r} section (see configs/tiny.py)")
     model_cfg = ModelConfig.from_dict(config.model)
+    if "evals" in config:  # unknown evaluator keys fail here, not after training
+        from infini_jax.evaluate import EVALS_DEFAULTS
+        with_defaults("evals", config.evals, EVALS_DEFAULTS)
     train = train_config(config.train)
     optim = optim_lib.optim_config(config.optim)
     if model_cfg.attention != "full" and model_cfg.seq_len % model_cfg.segment_len:
@@ -291,6 +294,18 @@ def gate_values_from_params(params) -> Optional[jax.Array]:
     return jnp.stack([jax.nn.sigmoid(g.astype(jnp.float32)) for g in gates])
 
 
+def _config_evals(config, params, model_cfg: ModelConfig) -> dict:
+    """config.evals (evaluate.passkey_report) on an unsharded copy of the trained model."""
+    from infini_jax import evaluate
+    from infini_jax.data import load_tokenizer
+
+    model = nnx.eval_shape(lambda: InfiniTransformer(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract = nnx.split(model)
+    nnx.replace_by_pure_dict(abstract, jax.device_get(params))
+    return evaluate.passkey_report(nnx.merge(graphdef, abstract), load_tokenizer(config.data.tokenizer),
+                                   config.evals, log=print)
+
+
 # --------------------------------------------------------------------------- the loop
 
 class _Logger:
@@ -488,6 +503,8 @@ def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, p
         save(step)
     final = run_eval(step)
     ckpt.wait()
+    if is_main and "evals" in config:  # evaluators of the config (the passkey sweep), on process 0
+        final.update(_config_evals(config, state.params, model_cfg))
     if is_main:
         (workdir / "eval_results.json").write_text(json.dumps({"step": step, **final}, indent=1))
     return {"preempted": False, "step": step, "eval": final, **result}

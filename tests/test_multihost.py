@@ -59,7 +59,8 @@ WORKER = textwrap.dedent('''
         def set_state(self, state):
             self.inner.set_state(state)
 
-    def make_iterator(data_cfg, *, seq_len, batch_size, split, process_index=0, process_count=1, train=True):
+    def make_iterator(data_cfg, *, seq_len, batch_size, split, process_index=0, process_count=1, train=True,
+                      segment_len=None):
         inner = real_make_iterator(data_cfg, seq_len=seq_len, batch_size=batch_size, split=split, train=train)
         return Rows(inner, process_index, process_count)
 

@@ -14,10 +14,12 @@ common     name (required: 'passkey' | 'text' | 'pg19' | 'booksum'), tokenizer='
 passkey    passkey_digits=5, passkey_min_len=None (total example length drawn from [min_len, seq_len+1];
            None = always seq_len+1), passkey_depth_min=0.0, passkey_depth_max=1.0,
            passkey_loss_on_all=False (True: loss on every non-pad token, not only the answer),
-           passkey_intro=True (False drops the paper's intro sentence: ~150 fewer tokens for short windows),
+           passkey_intro=True (False drops the paper's intro sentence: ~150 fewer tokens for short windows; a
+           number in [0, 1] is the probability that an example has it),
            passkey_haystack='' (a folder of .txt books: real prose replaces the filler; its `split` subfolder
-           is used when there is one), passkey_mass_prob=0.0 and passkey_mass_max=128 (memory-mass
-           augmentation in training, see PasskeyIterator; needs make_iterator(segment_len=...)),
+           is used when there is one), passkey_mass_prob=0.0, passkey_mass_max=128 and passkey_mass_after=0
+           (memory-mass augmentation in training from that batch on, see PasskeyIterator; needs
+           make_iterator(segment_len=...)),
            eval_batches=4 (eval: number of batches when num_batches is unset; eval seed = seed + 1_000_003).
            No data_dir.
 text       data_dir (required: folder with train/validation/test subfolders or flat; .txt/.tex/.md/.jsonl),
@@ -62,7 +64,7 @@ _COMMON_KEYS = {"name", "tokenizer", "seed", "num_batches", "data_dir"}  # data_
 _KEYS = {
     "passkey": {"passkey_digits", "passkey_min_len", "passkey_depth_min", "passkey_depth_max",
                 "passkey_loss_on_all", "passkey_intro", "passkey_haystack", "passkey_mass_prob",
-                "passkey_mass_max", "eval_batches"},
+                "passkey_mass_max", "passkey_mass_after", "eval_batches"},
     "text": {"text_field", "extensions"},
     "pg19": set(),
     "booksum": {"document_field", "summary_field", "separator", "max_document_tokens"},
@@ -113,9 +115,10 @@ def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, proces
             depth_min=float(_get(data_cfg, "passkey_depth_min", 0.0)),
             depth_max=float(_get(data_cfg, "passkey_depth_max", 1.0)),
             loss_on_all=bool(_get(data_cfg, "passkey_loss_on_all", False)),
-            intro=bool(_get(data_cfg, "passkey_intro", True)), num_batches=num_batches, haystack=haystack or None,
+            intro=float(_get(data_cfg, "passkey_intro", True)), num_batches=num_batches, haystack=haystack or None,
             segment_len=segment_len, mass_prob=float(_get(data_cfg, "passkey_mass_prob", 0.0)) if train else 0.0,
-            mass_max=float(_get(data_cfg, "passkey_mass_max", 128.0)))
+            mass_max=float(_get(data_cfg, "passkey_mass_max", 128.0)),
+            mass_after=int(_get(data_cfg, "passkey_mass_after", 0)))
 
     data_dir = _get(data_cfg, "data_dir", None)
     if name == "text":

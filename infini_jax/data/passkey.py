@@ -256,7 +256,9 @@ class PasskeyIterator:
     Examples are a pure function of (seed, process_index, batch number), so get_state() is just the counter.
     With num_batches set the iterator is finite (evaluation), otherwise infinite.
 
-    Memory-mass augmentation (mass_prob > 0, needs segment_len): in a random mass_prob share of the rows, the
+    intro: True/False, or the probability that an example starts with the paper's intro sentence.
+    Memory-mass augmentation (mass_prob > 0, needs segment_len): from batch `mass_after` on (a curriculum: the
+    retrieval is learnt first on plain memories), in a random mass_prob share of the rows, the
     memory writes of every segment that holds no token of the key line are scaled by one c ~ log-uniform
     [1, mass_max] per row, emitted as batch["write_scale"] [B, seq_len / segment_len] (the model multiplies
     σ(K)ᵀV and Σσ(K) by it). For the linear rule this is exactly the memory that segment would leave had it
@@ -267,7 +269,7 @@ class PasskeyIterator:
                  n_digits: int = 5, min_len: int | None = None, depth_min: float = 0.0, depth_max: float = 1.0,
                  loss_on_all: bool = False, num_batches: int | None = None, intro: bool = True,
                  haystack: Haystack | None = None, segment_len: int | None = None, mass_prob: float = 0.0,
-                 mass_max: float = 128.0):
+                 mass_max: float = 128.0, mass_after: int = 0):
         self.tok = tokenizer
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.seed, self.process_index = int(seed), int(process_index)
@@ -275,20 +277,24 @@ class PasskeyIterator:
         self.max_len = self.seq_len + 1
         self.min_len = self.max_len if min_len is None else int(min(min_len, self.max_len))
         self.depth_min, self.depth_max = float(depth_min), float(depth_max)
-        self.num_batches, self.intro, self.haystack = num_batches, bool(intro), haystack
-        self.mass_prob, self.mass_max = float(mass_prob), float(mass_max)
+        self.num_batches, self.intro, self.haystack = num_batches, float(intro), haystack
+        self.mass_prob, self.mass_max, self.mass_after = float(mass_prob), float(mass_max), int(mass_after)
         self.segment_len = None if segment_len is None else int(segment_len)
         self.step = 0
+        if not 0.0 <= self.intro <= 1.0:
+            raise ValueError(f"passkey_intro must be a bool or a probability in [0, 1], got {intro}")
         if not 0.0 <= self.mass_prob <= 1.0 or self.mass_max < 1.0:
             raise ValueError(f"passkey_mass_prob must be in [0, 1] and passkey_mass_max >= 1, got "
                              f"{self.mass_prob} and {self.mass_max}")
         if self.mass_prob > 0 and (not self.segment_len or self.seq_len % self.segment_len):
             raise ValueError(f"memory-mass augmentation needs the model's segment_len dividing seq_len "
                              f"{self.seq_len}, got segment_len={segment_len}")
-        shortest = _Layout.make(tokenizer, "9" * self.n_digits, True, self.intro).fixed_len
-        if self.min_len < shortest:
-            raise ValueError(f"passkey min_len/seq_len too small: {self.min_len} < {shortest} tokens "
-                             "(the prompt without filler); raise seq_len or passkey_min_len")
+        self._shortest = {i: _Layout.make(tokenizer, "9" * self.n_digits, True, i).fixed_len for i in (False, True)}
+        shortest = self._shortest[self.intro == 1.0]
+        if self.min_len < shortest or (self.intro > 0 and self._shortest[True] > self.max_len):
+            need = self._shortest[self.intro > 0]
+            raise ValueError(f"passkey min_len/seq_len too small: the prompt without filler needs {need} tokens, "
+                             f"got min_len {self.min_len}, seq_len {self.seq_len}; raise them (or passkey_intro=False)")
 
     def __iter__(self):
         return self
@@ -304,12 +310,14 @@ class PasskeyIterator:
         for b in range(B):
             length = int(rng.integers(self.min_len, self.max_len + 1))
             depth = float(rng.uniform(self.depth_min, self.depth_max))
-            ex = make_passkey_example(self.tok, length, depth, passkey=random_passkey(rng, self.n_digits),
-                                      intro=self.intro, haystack=self.haystack, seed=int(rng.integers(2**31)))
+            intro = bool(rng.random() < self.intro) if 0.0 < self.intro < 1.0 else self.intro == 1.0
+            ex = make_passkey_example(self.tok, max(length, self._shortest[intro]), depth, intro=intro,
+                                      passkey=random_passkey(rng, self.n_digits), haystack=self.haystack,
+                                      seed=int(rng.integers(2**31)))
             n = len(ex.tokens)
             seq_BL1[b, :n] = ex.tokens
             score_BL1[b, 1 if self.loss_on_all else ex.answer_start:n] = 1.0
-            if self.mass_prob > 0 and rng.random() < self.mass_prob:
+            if self.mass_prob > 0 and rng.random() < self.mass_prob and self.step >= self.mass_after:
                 c = float(np.exp(rng.uniform(0.0, np.log(self.mass_max))))
                 first, last = ex.key_start // self.segment_len, (ex.key_start + ex.key_len - 1) // self.segment_len
                 scale_BS[b] = c

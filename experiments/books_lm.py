@@ -1,0 +1,131 @@
+"""Language modelling on books: infini (linear, delta) vs Transformer-XL vs local attention, plus full
+attention at the training length, with equal parameters, data, tokens and steps (configs/books.py).
+
+    python experiments/books_lm.py --out runs/books                       # train every model, then evaluate
+    python experiments/books_lm.py --out runs/books --eval_only \
+        --config.data.data_dir=DIR --split test                           # any folder of books, trained models
+
+Evaluation (bits per byte, exact for byte tokens):
+  * `whole book`: every book streamed window after window with the memory (XL: the cache) carried from its
+    first byte to its last; full attention sees one training window at a time;
+  * `32K windows`: the same books cut into independent 32,768-token windows (the paper's Table 2 setting),
+    the memory reset at each window start.
+Writes OUT/results.json, OUT/books_lm.md (the table) and OUT/segment_curves.png (loss by segment position in
+the document, all models in one figure) and OUT/gates.png (the infini models' gates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODELS = {"infini_linear": "attention=infini,rule=linear", "infini_delta": "attention=infini,rule=delta",
+          "xl": "attention=xl", "local": "attention=local", "full": "attention=full"}
+WINDOW_32K = 32768
+
+
+def config_for(name: str, overrides: list[str]):
+    from configs.books import get_config
+
+    config = get_config(MODELS[name])
+    for item in overrides:  # --config.section.key=value
+        key, value = item[len("--config."):].split("=", 1)
+        section, field = key.split(".")
+        old = config[section][field]
+        config[section][field] = type(old)(value) if not isinstance(old, bool) else value.lower() == "true"
+    return config
+
+
+def reset_every(batches, windows: int):
+    """Marks a reset every `windows` windows of a document: independent chunks of windows × seq_len tokens."""
+    count = None
+    for batch in batches:
+        reset = np.asarray(batch["reset"], bool)
+        count = np.zeros(len(reset), int) if count is None else np.where(reset, 0, count + 1)
+        yield dict(batch, reset=reset | (count % windows == 0))
+
+
+def evaluate_model(config, workdir: Path, split: str, max_docs) -> dict:
+    from infini_jax import evaluate as ev
+    from infini_jax.data import load_tokenizer, make_iterator
+    from infini_jax.model import gate_values
+
+    model, info = ev.load_model(config, workdir=workdir)
+    tok = load_tokenizer(config.data.tokenizer)
+    cfg = model.cfg
+    out = {"step": info["step"]}
+
+    def batches():
+        it = make_iterator(config.data, seq_len=cfg.seq_len, batch_size=int(config.train.batch_size), split=split,
+                           train=False)
+        return ev.limit_documents(it, max_docs)
+
+    whole = ev.evaluate_perplexity(model, batches(), tokenizer=tok)
+    chunked = ev.evaluate_perplexity(model, reset_every(batches(), max(1, WINDOW_32K // cfg.seq_len)), tokenizer=tok)
+    out.update(whole_book=whole["bits_per_byte"], windows_32k=chunked["bits_per_byte"], bytes=whole["bytes"],
+               documents=whole["documents"], segment_curve=whole["segment_curve"],
+               segment_curve_32k=chunked["segment_curve"])
+    if cfg.attention == "infini":
+        out["gates"] = np.asarray(gate_values(model)).tolist()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="runs/books")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--split", default="validation,test")
+    p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--max_docs", type=int, default=None)
+    a, overrides = p.parse_known_args()
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        p.error(f"unknown arguments {bad}")
+    from infini_jax import plots
+    from infini_jax.train import train_and_evaluate
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = a.models.split(",")
+    results = {"models": {}, "overrides": overrides, "splits": a.split.split(",")}
+    for name in names:
+        config = config_for(name, overrides)
+        if not a.eval_only:
+            t0 = time.time()
+            train_and_evaluate(config, out / name, progress=False)
+            results["models"].setdefault(name, {})["train_seconds"] = round(time.time() - t0, 1)
+            print(f"{name}: trained in {time.time() - t0:.0f} s", flush=True)
+    for name in names:
+        config = config_for(name, overrides)
+        for split in results["splits"]:
+            r = evaluate_model(config, out / name, split, a.max_docs)
+            results["models"].setdefault(name, {})[split] = r
+            print(f"{name} {split}: whole book {r['whole_book']:.4f} bits/byte, 32K windows {r['windows_32k']:.4f} "
+                  f"({r['documents']} books, {r['bytes']:,} bytes)", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    lines = ["| model | " + " | ".join(f"{s} whole book | {s} 32K windows" for s in results["splits"]) + " |",
+             "|---|" + "---:|---:|" * len(results["splits"])]
+    for name in names:
+        m = results["models"][name]
+        lines.append(f"| {name} | " + " | ".join(f"{m[s]['whole_book']:.4f} | {m[s]['windows_32k']:.4f}"
+                                                 for s in results["splits"]) + " |")
+    table = "\n".join(lines)
+    (out / "books_lm.md").write_text(f"bits per byte (lower is better); {a.split}\n\n{table}\n")
+    print(table)
+    split0 = results["splits"][-1]
+    plots.segment_curve_plot({n: results["models"][n][split0]["segment_curve"] for n in names},
+                             out / "segment_curves.png", title=f"Loss by segment position in the book ({split0})")
+    for n in names:
+        if "gates" in results["models"][n][split0]:
+            plots.gate_plot(results["models"][n][split0]["gates"], out / f"gates_{n}.png", title=f"Gates, {n}")
+
+
+if __name__ == "__main__":
+    main()
