@@ -60,18 +60,22 @@ def main():
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--d_ff", type=int, default=682)
+    p.add_argument("--remat_segments", default="1", help="comma list of 1/0: jax.checkpoint per infini segment")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); batch {a.batch} x {a.seq_len}, "
           f"segment {a.segment}, d_model {a.d_model}, {a.layers} layers, {a.heads} x {a.head_dim} heads")
-    print("| attention | step (s, median) | tokens/s |\n|---|---:|---:|")
+    print("| attention | remat_segments | step (s, median) | tokens/s |\n|---|---|---:|---:|")
     for att in a.attention.split(","):
-        cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
-                          head_dim=a.head_dim, d_ff=a.d_ff, segment_len=a.segment, n_segments=a.seq_len // a.segment,
-                          attention=att, rule=a.rule, mode=a.mode, remat=False)
-        t = time_steps(cfg, a.batch, a.steps, a.warmup)
-        print(f"| {att} | {t:.4f} | {a.batch * a.seq_len / t:,.0f} |", flush=True)
+        for remat in [bool(int(x)) for x in a.remat_segments.split(",")] if att == "infini" else [True]:
+            cfg = ModelConfig(vocab_size=a.vocab, d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
+                              head_dim=a.head_dim, d_ff=a.d_ff, segment_len=a.segment,
+                              n_segments=a.seq_len // a.segment, attention=att, rule=a.rule, mode=a.mode,
+                              remat=False, remat_segments=remat)
+            t = time_steps(cfg, a.batch, a.steps, a.warmup)
+            print(f"| {att} | {remat if att == 'infini' else '-'} | {t:.4f} | {a.batch * a.seq_len / t:,.0f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

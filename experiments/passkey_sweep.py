@@ -24,7 +24,11 @@ V2 = {"data.passkey_intro": 0.5, "data.passkey_min_len": 110, "data.passkey_mass
 MINI = {"model.d_model": 64, "model.head_dim": 16, "model.d_ff": 256, "model.segment_len": 32,
         "model.n_segments": 4, "data.passkey_intro": 0.0, "data.passkey_min_len": 104, "data.passkey_mass_prob": 0.0,
         "train.batch_size": 32}
+V4 = {**MINI, "model.n_segments": 10, "data.passkey_intro": 0.5, "train.batch_size": 16,
+      "data.passkey_mass_prob": 0.5, "data.passkey_mass_after": 1200}
 VARIANTS = {
+    "v4": V4,
+    "v4_all": {**V4, "data.passkey_loss_on_all": True},
     "mini": MINI,
     "mini_all": {**MINI, "data.passkey_loss_on_all": True},
     "v2": V2,
@@ -105,7 +109,7 @@ def main():
                 n = pending.pop(0)
                 cmd = [sys.executable, __file__, "--variants", n, "--steps", str(a.steps), "--trials", str(a.trials),
                        "--arg", a.arg, "--out", str(out)]
-                procs.append(subprocess.Popen(cmd, env=dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.1")))
+                procs.append(subprocess.Popen(cmd, env=dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=str(round(0.8 / a.workers, 3)))))
             time.sleep(1)
             procs = [q for q in procs if q.poll() is None]
         return

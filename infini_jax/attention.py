@@ -337,8 +337,13 @@ def infini_attention_sequence(
     mode: str = "scan",
     rope_base: Optional[float] = None,
     write_scale_bs: Optional[jax.Array] = None,
+    remat: bool = True,
 ) -> tuple[jax.Array, MemoryState]:
     """Infini-attention over L = S × segment_len tokens, carrying the memory from `state` (default empty).
+
+    remat (scan mode): `jax.checkpoint` on the segment body, so the backward pass keeps one segment's
+    activations at a time and recomputes the rest (bounded memory at long inputs; costs one extra forward of
+    the layer's attention). False keeps them all (faster for small inputs).
 
     write_scale_bs [B, S]: optional per-(row, segment) write scale (memory-mass augmentation; see `update`).
 
@@ -368,16 +373,15 @@ def infini_attention_sequence(
         if scale_bs.shape != (b, n_seg):
             raise ValueError(f"write_scale must have shape [batch, segments] = {(b, n_seg)}, got {scale_bs.shape}")
     if mode == "scan":
-        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs)
+        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs, remat)
     return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs)
 
 
-def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs):
+def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs, remat=True):
     b, l, h, _ = q_blhk.shape
     # [B, S, N, H, D] -> [S, B, N, H, D]: scan runs over the leading axis.
     xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blhk, v_blhv))
 
-    @jax.checkpoint
     def body(carry: MemoryState, seg):
         q_bnhk, k_bnhk, v_bnhv, scale_b = seg
         out_bnhv, new = infini_attention(
@@ -385,7 +389,7 @@ def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rop
         )
         return new, out_bnhv
 
-    final, out_sbnhv = jax.lax.scan(body, state, xs + (scale_bs.T,))
+    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if remat else body, state, xs + (scale_bs.T,))
     return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
 
 

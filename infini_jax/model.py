@@ -59,6 +59,7 @@ class ModelConfig:
     dtype: str = "float32"  # activation / compute dtype
     param_dtype: str = "float32"
     remat: bool = True  # jax.checkpoint around each block
+    remat_segments: bool = True  # jax.checkpoint around each segment of the infini scan (False: faster, more memory)
     scan_layers: bool = False  # stack the blocks' params [layers, ...] and jax.lax.scan over them
     init_std: float = 0.02
 
@@ -142,7 +143,8 @@ class Attention(nnx.Module):
             state = attn.reset_memory(state, reset_b)
             out_blhk, state = attn.infini_attention_sequence(
                 q_blhk, k_blgk, v_blgk, self.gate_logit[...], segment_len=cfg.segment_len,
-                rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope_base, write_scale_bs=write_scale_bs)
+                rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope_base, write_scale_bs=write_scale_bs,
+                remat=cfg.remat_segments)
         elif cfg.attention == "xl":  # the cached half's K/V: current weights on stop-gradient previous inputs
             state = attn.reset_xl_cache(state, reset_b)
             xp_bld = attn.xl_previous_inputs(x, state, cfg.segment_len)

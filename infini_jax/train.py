@@ -301,7 +301,8 @@ def _config_evals(config, params, model_cfg: ModelConfig) -> dict:
 
     model = nnx.eval_shape(lambda: InfiniTransformer(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(model)
-    nnx.replace_by_pure_dict(abstract, jax.device_get(params))
+    # one device; jnp (not device_get's numpy, read-only on some backends) so the knock-out can edit a copy
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(lambda x: jnp.asarray(jax.device_get(x)), params))
     return evaluate.passkey_report(nnx.merge(graphdef, abstract), load_tokenizer(config.data.tokenizer),
                                    config.evals, log=print)
 
