@@ -40,6 +40,7 @@ def main():
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--knockout", default="linear", help="rules whose memory knock-out is evaluated")
+    p.add_argument("--knockout_lengths", default="1K,4K,16K,64K", help="lengths of the knock-out sweep")
     p.add_argument("--eval_only", action="store_true")
     a = p.parse_args()
 
@@ -67,7 +68,8 @@ def main():
         config = get_config(f"rule={rule}")
         config.data.passkey_haystack = a.haystack
         config.evals.passkey_x = ()  # this script evaluates
-        if a.steps:
+        if a.steps:  # the mass-augmentation phase stays the last 20% of training
+            config.data.passkey_mass_after = int(round(a.steps * config.data.passkey_mass_after / config.train.steps))
             config.train.steps = a.steps
         workdir = out / rule
         r = results["rules"][rule] = {}
@@ -81,7 +83,8 @@ def main():
             if tag == "knockout" and rule not in a.knockout.split(","):
                 continue
             t0 = time.time()
-            sweep = ev.passkey_sweep(m, tok, lengths, depths, trials=a.trials, seed=777, haystack=haystack)
+            ls = lengths if tag == "memory" else [parse_length(x) for x in a.knockout_lengths.split(",")]
+            sweep = ev.passkey_sweep(m, tok, ls, depths, trials=a.trials, seed=777, haystack=haystack)
             r[tag] = sweep
             text = f"{rule}, {tag}: " + ev.format_passkey(sweep)
             print(text, f"\n({time.time() - t0:.0f} s)", flush=True)

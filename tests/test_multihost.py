@@ -41,6 +41,7 @@ WORKER = textwrap.dedent('''
     config.train.ckpt_every = 0
     config.train.eval_batches = 1
     config.model.num_layers = 1  # compile time is what this test spends; one layer exercises the same paths
+    config.evals.passkey_x = ()  # no end-of-training passkey sweep here
 
     from infini_jax.data import make_iterator as real_make_iterator
 
@@ -61,7 +62,8 @@ WORKER = textwrap.dedent('''
 
     def make_iterator(data_cfg, *, seq_len, batch_size, split, process_index=0, process_count=1, train=True,
                       segment_len=None):
-        inner = real_make_iterator(data_cfg, seq_len=seq_len, batch_size=batch_size, split=split, train=train)
+        inner = real_make_iterator(data_cfg, seq_len=seq_len, batch_size=batch_size, split=split, train=train,
+                                   segment_len=segment_len)
         return Rows(inner, process_index, process_count)
 
     stop_after = int(sys.argv[5]) if len(sys.argv) > 5 else None

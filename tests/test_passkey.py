@@ -106,3 +106,31 @@ def test_passkey_sweep_on_a_haystack(shared_dir):
     sweep = ev.passkey_sweep(model, TOK, [1024, 4096], [0.0, 1.0], trials=2, haystack=hay)
     assert sweep["haystack"].endswith("test") and len(sweep["digit_accuracy"]) == 2
     assert all(c["tokens"] in (1024, 4096) for c in sweep["cells"])
+
+
+def test_passkey_report_from_config_evals():
+    """config.evals → the table train.py prints at the end: lengths are multiples of the training length."""
+    import ml_collections
+
+    from infini_jax.train import validate_config
+
+    cfg = ModelConfig(**{**CFG.__dict__, "n_segments": 5})  # 320 tokens
+    model = InfiniTransformer(cfg, rngs=nnx.Rngs(0))
+    lines = []
+    out = ev.passkey_report(model, TOK, dict(passkey_x=(1, 2), passkey_depths=(0.0, 1.0), passkey_trials=2),
+                            log=lines.append)
+    assert out["passkey"]["lengths"] == [320, 640] and out["passkey_knockout"]["lengths"] == [320, 640]
+    assert len(out["passkey"]["digit_accuracy"]) == 2 and "knocked out" in lines[1]
+    assert ev.passkey_report(model, TOK, dict(passkey_x=())) == {}
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    config = tiny.get_config()
+    validate_config(config)
+    bad = ml_collections.ConfigDict(config.to_dict())
+    bad.evals.passkey_trails = 3
+    with pytest.raises(ValueError, match="unknown config.evals keys"):
+        validate_config(bad)

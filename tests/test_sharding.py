@@ -110,7 +110,7 @@ def test_memory_shardings_and_global_batch():
     assert msh[0].z.spec == P(("data", "fsdp"), "tensor", None)
     xl = jax.eval_shape(lambda: _abstract(_cfg(attention="xl")).init_state(8))
     xsh = shd.memory_shardings(mesh, xl)
-    assert xsh[0].k.spec == P(("data", "fsdp"), None, "tensor", None)
+    assert xsh[0].x.spec == P(("data", "fsdp"), None, None)  # hidden states [B, N, D]: rows split
     assert xsh[0].valid.spec == P(("data", "fsdp"))
     local = {"tokens": np.zeros((8, 16), np.int32), "reset": np.ones((8,), bool)}
     gb = shd.global_batch(local, mesh)
