@@ -52,7 +52,7 @@ def reset_every(batches, windows: int):
         yield dict(batch, reset=reset | (count % windows == 0))
 
 
-def evaluate_model(config, workdir: Path, split: str, max_docs) -> dict:
+def evaluate_model(config, workdir: Path, split: str, max_docs, batch_size: int) -> dict:
     from infini_jax import evaluate as ev
     from infini_jax.data import load_tokenizer, make_iterator
     from infini_jax.model import gate_values
@@ -63,8 +63,7 @@ def evaluate_model(config, workdir: Path, split: str, max_docs) -> dict:
     out = {"step": info["step"]}
 
     def batches():
-        it = make_iterator(config.data, seq_len=cfg.seq_len, batch_size=int(config.train.batch_size), split=split,
-                           train=False)
+        it = make_iterator(config.data, seq_len=cfg.seq_len, batch_size=batch_size, split=split, train=False)
         return ev.limit_documents(it, max_docs)
 
     whole = ev.evaluate_perplexity(model, batches(), tokenizer=tok)
@@ -77,22 +76,53 @@ def evaluate_model(config, workdir: Path, split: str, max_docs) -> dict:
     return out
 
 
+def binned(curve: dict, n_bins: int = 24) -> dict:
+    """Token-weighted mean loss in log-spaced bins of segment index (two books give a very noisy raw curve)."""
+    seg, loss, tok = (np.asarray(curve[k], float) for k in ("segment", "loss", "tokens"))
+    edges = np.unique(np.round(np.geomspace(1, seg.max() + 2, n_bins + 1)).astype(int)) - 1
+    idx = np.clip(np.searchsorted(edges, seg, side="right") - 1, 0, len(edges) - 2)
+    w = np.bincount(idx, tok, len(edges) - 1)
+    keep = w > 0
+    mean = np.bincount(idx, loss * tok, len(edges) - 1)[keep] / w[keep]
+    mid = np.sqrt(np.maximum(edges[:-1], 1) * edges[1:])[keep]
+    return {"segment": mid.tolist(), "loss": (mean / np.log(2)).tolist(), "tokens": w[keep].tolist()}
+
+
+def plot(results: dict, out: Path) -> None:
+    from infini_jax import plots
+
+    split0 = results["splits"][-1]
+    names = [n for n in results["models"] if split0 in results["models"][n]]
+    fig_path = plots.segment_curve_plot({n: binned(results["models"][n][split0]["segment_curve"]) for n in names},
+                                        out / "segment_curves.png",
+                                        title=f"Loss by segment position in the book ({split0}, log-spaced bins)",
+                                        ylabel="bits per byte", log_x=True)
+    for n in names:
+        if "gates" in results["models"][n][split0]:
+            plots.gate_plot(results["models"][n][split0]["gates"], out / f"gates_{n}.png", title=f"Gates, {n}")
+    print(f"wrote {fig_path}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="runs/books")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--split", default="validation,test")
     p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--plot_only", action="store_true", help="redraw the figures from OUT/results.json")
     p.add_argument("--max_docs", type=int, default=None)
+    p.add_argument("--eval_batch", type=int, default=2, help="rows streamed at once (one book each); more rows "
+                   "than books only adds padding")
     a, overrides = p.parse_known_args()
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         p.error(f"unknown arguments {bad}")
-    from infini_jax import plots
     from infini_jax.train import train_and_evaluate
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.plot_only:
+        return plot(json.loads((out / "results.json").read_text()), out)
     names = a.models.split(",")
     results = {"models": {}, "overrides": overrides, "splits": a.split.split(",")}
     for name in names:
@@ -105,7 +135,7 @@ def main():
     for name in names:
         config = config_for(name, overrides)
         for split in results["splits"]:
-            r = evaluate_model(config, out / name, split, a.max_docs)
+            r = evaluate_model(config, out / name, split, a.max_docs, a.eval_batch)
             results["models"].setdefault(name, {})[split] = r
             print(f"{name} {split}: whole book {r['whole_book']:.4f} bits/byte, 32K windows {r['windows_32k']:.4f} "
                   f"({r['documents']} books, {r['bytes']:,} bytes)", flush=True)
@@ -119,12 +149,7 @@ def main():
     table = "\n".join(lines)
     (out / "books_lm.md").write_text(f"bits per byte (lower is better); {a.split}\n\n{table}\n")
     print(table)
-    split0 = results["splits"][-1]
-    plots.segment_curve_plot({n: results["models"][n][split0]["segment_curve"] for n in names},
-                             out / "segment_curves.png", title=f"Loss by segment position in the book ({split0})")
-    for n in names:
-        if "gates" in results["models"][n][split0]:
-            plots.gate_plot(results["models"][n][split0]["gates"], out / f"gates_{n}.png", title=f"Gates, {n}")
+    plot(results, out)
 
 
 if __name__ == "__main__":

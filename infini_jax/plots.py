@@ -70,7 +70,8 @@ def gate_plot(gates_lh, path: str | Path, title: str = "Gates sigmoid(β) per he
 
 
 def segment_curve_plot(curves: dict, path: str | Path, min_tokens: int = 1,
-                       title: str = "Loss by segment position within the document") -> Path:
+                       title: str = "Loss by segment position within the document",
+                       ylabel: str = "mean NLL (nats/token)", log_x: bool = False) -> Path:
     """curves: {label: evaluate_perplexity(...)["segment_curve"]}, e.g. {"memory": ..., "knock-out": ...}."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -80,9 +81,12 @@ def segment_curve_plot(curves: dict, path: str | Path, min_tokens: int = 1,
         ax.plot(seg[keep], loss[keep], marker="." if keep.sum() < 60 else None, label=label)
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if log_x:
+        ax.set_xscale("log")
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("segment index within document")
-    ax.set_ylabel("mean NLL (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=10)
