@@ -366,9 +366,8 @@ def infini_attention_sequence(
         state = init_memory(b, g, d_key, d_value)
     _check_state(state, b, g, d_key, d_value)
     state = MemoryState(state.M.astype(jnp.float32), state.z.astype(jnp.float32))
-    if write_scale_bs is None:
-        scale_bs = jnp.ones((b, n_seg), jnp.float32)
-    else:
+    scale_bs = None  # no scale: nothing is multiplied in the segment loop
+    if write_scale_bs is not None:
         scale_bs = jnp.asarray(write_scale_bs, jnp.float32)
         if scale_bs.shape != (b, n_seg):
             raise ValueError(f"write_scale must have shape [batch, segments] = {(b, n_seg)}, got {scale_bs.shape}")
@@ -389,7 +388,8 @@ def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rop
         )
         return new, out_bnhv
 
-    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if remat else body, state, xs + (scale_bs.T,))
+    scale_sb = None if scale_bs is None else scale_bs.T  # None: an empty pytree, so the body gets None
+    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if remat else body, state, xs + (scale_sb,))
     return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
 
 
@@ -407,12 +407,13 @@ def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule,
     hp = MEMORY_PRECISION
 
     # z_{s-1}: exclusive prefix of c_s Σ_t σ(K_t); [B, S, N, H, K] -> [B, S, H, K]
-    dz_bshk = jnp.sum(sk_bsnhk, axis=2) * scale_bs[:, :, None, None]
+    c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs
+    dz_bshk = jnp.sum(sk_bsnhk, axis=2) * c_bs[:, :, None, None]
     zx_bshk, zi_bshk = _exclusive_cumsum(dz_bshk)
     z_prev_bshk = state.z[:, None] + zx_bshk
     # σ(K_s) σ(K_s)ᵀ-free part of the write: B_s = c_s σ(K_s)ᵀ V_s; [B,S,N,H,K] x [B,S,N,H,V] -> [B,S,H,K,V]
     write_bshkv = jnp.einsum("bsnhk,bsnhv->bshkv", sk_bsnhk, v32_bsnhv, precision=hp) \
-        * scale_bs[:, :, None, None, None]
+        * c_bs[:, :, None, None, None]
 
     if rule == "linear":
         mx_bshkv, mi_bshkv = _exclusive_cumsum(write_bshkv)
@@ -423,7 +424,7 @@ def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule,
         den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sk_bsnhk, z_prev_bshk, precision=hp)
         empty_bsh = jnp.all(z_prev_bshk == 0, axis=-1)
         inv_bsnh = jnp.where(empty_bsh[:, :, None], 0.0, 1.0 / jnp.maximum(den_bsnh, DENOM_EPS))
-        inv_bsnh = inv_bsnh * scale_bs[:, :, None, None]
+        inv_bsnh = inv_bsnh * c_bs[:, :, None, None]
         # A_s = I − c_s Σ_t σ(K_t) σ(K_t)ᵀ / den_t; [B,S,N,H,K] x [B,S,N,H] x [B,S,N,H,J] -> [B,S,H,K,J]
         eye_kj = jnp.eye(d_key, dtype=jnp.float32)
         a_bshkj = eye_kj - jnp.einsum("bsnhk,bsnh,bsnhj->bshkj", sk_bsnhk, inv_bsnh, sk_bsnhk, precision=hp)
