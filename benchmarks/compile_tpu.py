@@ -27,14 +27,14 @@ GiB = 1024 ** 3
 
 # (key, what, config spec, topology, extra --set overrides)
 ROWS = [
-    ("lm", "paper LM, PG19 (linear)", "configs/pg19.py:rule=linear", "v5e-32", []),
-    ("lm-delta", "paper LM, PG19 (delta)", "configs/pg19.py:rule=delta", "v5e-32", []),
-    ("1b-v5e", "1B passkey, pretrain 4K", "configs/passkey_1b.py:stage=pretrain", "v5e-16", []),
-    ("1b-v5e-accum2", "1B passkey, pretrain 4K, 2 microbatches", "configs/passkey_1b.py:stage=pretrain", "v5e-16",
+    ("lm", "paper LM, PG19 (linear)", "pg19:rule=linear", "v5e-32", []),
+    ("lm-delta", "paper LM, PG19 (delta)", "pg19:rule=delta", "v5e-32", []),
+    ("1b-v5e", "1B passkey, pretrain 4K", "passkey_1b:stage=pretrain", "v5e-16", []),
+    ("1b-v5e-accum2", "1B passkey, pretrain 4K, 2 microbatches", "passkey_1b:stage=pretrain", "v5e-16",
      ["optim.grad_accum=2"]),
-    ("1b-v5p", "1B passkey, pretrain 4K", "configs/passkey_1b.py:stage=pretrain", "v5p-8", []),
-    ("1b-ft", "1B passkey, fine-tune 6K", "configs/passkey_1b.py:stage=finetune,rule=delta", "v5p-8", []),
-    ("8b", "8B BookSum, fine-tune 32K", "configs/booksum_8b.py:stage=finetune", "v5p-128", []),
+    ("1b-v5p", "1B passkey, pretrain 4K", "passkey_1b:stage=pretrain", "v5p-8", []),
+    ("1b-ft", "1B passkey, fine-tune 6K", "passkey_1b:stage=finetune,rule=delta", "v5p-8", []),
+    ("8b", "8B BookSum, fine-tune 32K", "booksum_8b:stage=finetune", "v5p-128", []),
 ]
 
 

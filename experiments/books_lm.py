@@ -1,5 +1,5 @@
 """Language modelling on books: infini (linear, delta) vs Transformer-XL vs local attention, plus full
-attention at the training length, with equal parameters, data, tokens and steps (configs/books.py).
+attention at the training length, with equal parameters, data, tokens and steps (the books config).
 
     python experiments/books_lm.py --out runs/books                       # train every model, then evaluate
     python experiments/books_lm.py --out runs/books --eval_only \
@@ -32,7 +32,7 @@ WINDOW_32K = 32768
 
 
 def config_for(name: str, overrides: list[str]):
-    from configs.books import get_config
+    from infini_jax.configs.books import get_config
 
     config = get_config(MODELS[name])
     for item in overrides:  # --config.section.key=value

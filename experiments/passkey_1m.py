@@ -1,4 +1,4 @@
-"""Passkey retrieval to 2^20 tokens after training on short inputs (configs/tiny.py), linear vs delta, with the
+"""Passkey retrieval to 2^20 tokens after training on short inputs (the tiny config), linear vs delta, with the
 memory knock-out; on the paper's filler or hidden in book prose.
 
     python experiments/passkey_1m.py --out runs/passkey_1m                          # the paper's filler
@@ -35,7 +35,7 @@ def main():
     p.add_argument("--haystack", default="", help="folder of books: train on DIR/train prose (and evaluate on "
                    "DIR/test unless --eval_haystack)")
     p.add_argument("--eval_haystack", default=None)
-    p.add_argument("--steps", type=int, default=None, help="default: configs/tiny.py's")
+    p.add_argument("--steps", type=int, default=None, help="default: the tiny config.s")
     p.add_argument("--lengths", default="1K,4K,16K,64K,256K,1M")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--trials", type=int, default=10)
@@ -46,7 +46,7 @@ def main():
 
     import jax
 
-    from configs.tiny import get_config
+    from infini_jax.configs.tiny import get_config
     from infini_jax import evaluate as ev
     from infini_jax import plots
     from infini_jax.data import Haystack, load_tokenizer

@@ -1,4 +1,4 @@
-"""How the embedded default was chosen: train variants of configs/tiny.py and score each on the passkey.
+"""How the embedded default was chosen: train variants of the tiny config and score each on the passkey.
 
     python experiments/passkey_sweep.py --variants base,linear --steps 1500 --out runs/sweep
     python experiments/passkey_sweep.py --variants all --workers 4 ...   # parallel processes (a GPU host)
@@ -63,7 +63,7 @@ def apply(config, overrides: dict):
 def run_variant(name: str, steps: int, out: Path, trials: int, arg: str) -> dict:
     import jax
 
-    from configs.tiny import get_config
+    from infini_jax.configs.tiny import get_config
     from infini_jax import evaluate as ev
     from infini_jax.data import load_tokenizer
     from infini_jax.model import gate_values
@@ -95,7 +95,7 @@ def main():
     p.add_argument("--variants", default="base")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--arg", default="", help="configs/tiny.py arg, e.g. rule=delta")
+    p.add_argument("--arg", default="", help="tiny config arg, e.g. rule=delta")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()

@@ -1,7 +1,7 @@
 """Ahead-of-time TPU compiles on a CPU host: does a config fit a pod, and how many FLOPs is a step?
 
-    python -m infini_jax.aot --config configs/pg19.py:rule=delta --topology v5e-32
-    python train.py --config configs/booksum_8b.py:stage=finetune --compile_only --topology v5p-128
+    infini-aot --config pg19:rule=delta --topology v5e-32          (or python -m infini_jax.aot ...)
+    infini-train --config booksum_8b:stage=finetune --compile_only --topology v5p-128
 
 No TPU is needed: libtpu (`pip install "jax[tpu]"`) describes the topology
 (jax.experimental.topologies.get_topology_desc), the real train step is lowered with abstract
@@ -221,26 +221,23 @@ def format_report(r: dict) -> str:
 
 
 def load_config(spec: str, overrides: Optional[list[str]] = None):
-    """`path/to/config.py[:arg]` → ConfigDict, then `section.key=value` overrides (type of the old value)."""
-    import importlib.util
+    """`NAME[:arg]` or `path/to/config.py[:arg]` → ConfigDict, then `section.key=value` overrides (type of the
+    old value)."""
+    from infini_jax import config as config_lib
 
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("_aot_config", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    config = config_lib.load_config(spec)
     for item in overrides or []:
         key, _, value = item.partition("=")
         *parents, leaf = key.split(".")
         node = functools.reduce(getattr, parents, config)
-        old = node[leaf]
-        node[leaf] = (value.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(value)
+        kind = node.get_type(leaf)  # the declared type, also of a None placeholder
+        node[leaf] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
     return config
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="configs/<exp>.py[:arg]")
+    parser.add_argument("--config", required=True, help="NAME[:arg] (pg19:rule=delta) or path/to/config.py[:arg]")
     parser.add_argument("--topology", required=True, help="v5e-16, v5e-32, v5p-8, v5p-128, v4-8, ...")
     parser.add_argument("--set", action="append", default=[], metavar="section.key=value",
                         help="override a config value, e.g. --set model.num_layers=4")
@@ -256,7 +253,6 @@ def main(argv=None) -> dict:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
     print(format_report(report), flush=True)
-    return report
 
 
 if __name__ == "__main__":

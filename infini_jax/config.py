@@ -1,14 +1,26 @@
-"""Config helpers shared by configs/*.py and the CLIs.
+"""Config helpers shared by the configs (infini_jax/configs/) and the CLIs.
 
 Configs are `get_config(arg)` functions returning a locked ml_collections.ConfigDict (big_vision style).
-`arg` is the part after the colon in `--config configs/pg19.py:rule=delta,attention=xl`.
+`--config` takes a config shipped with the package by name (`tiny`, `pg19:rule=delta`) or a path to any config
+file (`my_configs/exp.py:arg`); `arg` is the part after the colon. infini_jax/configs/base.py holds every key
+and its default; `python -m infini_jax.config --markdown` prints them as the README's table.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib.resources
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from infini_jax.model import ModelConfig
 
@@ -39,6 +51,20 @@ def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> ml_collections.Co
     return ml_collections.ConfigDict(out)
 
 
+# --------------------------------------------------------------------------- the base config: every key
+
+@functools.cache
+def _base() -> ml_collections.ConfigDict:
+    from infini_jax.configs import base
+
+    return base.get_config()
+
+
+def defaults(section: str) -> dict:
+    """Every key of config.<section> and its default (infini_jax/configs/base.py), as a new dict."""
+    return _base()[section].to_dict()
+
+
 def with_defaults(section: str, cfg: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
     """A config section as a dict with `defaults` filled in; a key `defaults` lacks is an error."""
     d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
@@ -48,21 +74,137 @@ def with_defaults(section: str, cfg: Mapping[str, Any], defaults: Mapping[str, A
     return {**defaults, **d}
 
 
+_KEY_COMMENT = re.compile(r"\s*(\w+)\s*(?::[^=#]*)?=[^#]*#\s*(.+)$")  # `key=value,  # meaning`, `key: T = v  # ...`
+
+
+def key_docs() -> dict[str, dict[str, str]]:
+    """{section: {key: one-line meaning}}: the comment after each key in base.py (model: in ModelConfig)."""
+    from infini_jax.configs import base
+
+    docs: dict[str, dict[str, str]] = {}
+    section = None
+    for line in inspect.getsource(base).splitlines():
+        if m := re.match(r"\s*config\.(\w+)\s*=", line):
+            section = docs.setdefault(m.group(1), {})
+        elif section is not None and (m := _KEY_COMMENT.match(line)):
+            section[m.group(1)] = m.group(2).strip()
+    docs["model"] = {m.group(1): m.group(2).strip() for line in inspect.getsource(ModelConfig).splitlines()
+                     if (m := _KEY_COMMENT.match(line))}
+    return docs
+
+
+def markdown_table() -> str:
+    """The README's table of every config key (in the order of base.py), its default and its meaning."""
+    base, docs = _base().to_dict(), key_docs()
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section, values in base.items():
+        missing = sorted(set(values) - set(docs.get(section, {})))
+        if missing:
+            raise ValueError(f"config.{section} keys {missing} have no comment in infini_jax/configs/base.py "
+                             f"(model keys: in ModelConfig); add a one-line one")
+    for section, meanings in docs.items():
+        for key, meaning in meanings.items():
+            if key in base[section]:
+                meaning = meaning.replace("|", "\\|")
+                rows.append(f"| `{section}.{key}` | `{base[section][key]!r}` | {meaning} |")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- loading a config by name or path
+
+def config_names() -> list[str]:
+    """Names of the configs shipped in infini_jax/configs (usable as `--config NAME[:arg]`)."""
+    files = importlib.resources.files("infini_jax.configs").iterdir()
+    return sorted(f.name[:-3] for f in files if f.name.endswith(".py") and not f.name.startswith("_"))
+
+
+def config_file(name_or_path: str) -> Path:
+    """The file of a shipped config name (`tiny`) or a path (`configs/tiny.py`); missing: a one-line ValueError."""
+    if name_or_path in config_names():
+        return Path(str(importlib.resources.files("infini_jax.configs") / f"{name_or_path}.py"))
+    path = Path(name_or_path)
+    if not path.is_file():
+        kind = "config file" if name_or_path.endswith(".py") or "/" in name_or_path else "config"
+        raise ValueError(f"no {kind} {name_or_path!r}: give a path to a config .py file or one of the shipped "
+                         f"configs: {', '.join(config_names())}")
+    return path
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`NAME[:arg]` or `path/to/config.py[:arg]` → the locked ConfigDict of its get_config(arg)."""
+    name, _, arg = spec.partition(":")
+    path = config_file(name)
+    module_spec = importlib.util.spec_from_file_location(f"_infini_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config.lock()
+    return config
+
+
+class _ConfigParser(flags.ArgumentParser):
+    def parse(self, argument):
+        return load_config(argument)
+
+    def flag_type(self):
+        return "config object"
+
+
+def define_config_flag(help_string: str, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """`--config NAME|path[:arg]` with `--config.<section>.<key>=value` overrides (ml_collections)."""
+    config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values, lock_config=True)
+    flag_values["config"].parser = _ConfigParser()  # names of shipped configs, one-line errors
+
+
+def _bad_override(argv) -> str | None:
+    """The first --config.a.b=... in argv that names no key of the config, as one line (None: all exist)."""
+    spec = None
+    for i, arg in enumerate(argv):
+        if re.match(r"--?config=", arg):
+            spec = arg.split("=", 1)[1]
+        elif re.fullmatch(r"--?config", arg) and i + 1 < len(argv):
+            spec = argv[i + 1]
+    try:
+        config = load_config(spec)
+    except Exception:  # the config itself is broken: the caller's message says more
+        return None
+    for arg in argv:
+        if not (m := re.match(r"--?(?:no)?config\.([\w.]+)", arg)):
+            continue
+        node, where = config, "config"
+        for key in m.group(1).split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+                valid = sorted(node) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                return f"--config.{m.group(1)}: {where} has no key {key!r}; {hint}valid keys: {', '.join(valid)}"
+            node, where = node[key], f"{where}.{key}"
+    return None
+
+
 def parse_cli_flags(flags_obj, argv):
-    """absl flag parsing for the CLIs: a bad flag or --config.x=y override (unknown key, wrong type) is one
-    line on stderr and exit code 2, not a traceback."""
-    import sys
-
-    from absl import flags
-
+    """absl flag parsing for the CLIs: a bad flag, config name or --config.x=y override (unknown key, wrong
+    type) is one line on stderr and exit code 2, not a traceback."""
     try:
         return flags_obj(argv)
-    except flags.Error as e:
-        print(f"error: {e}\nPass --help for usage.", file=sys.stderr)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, flags.Error):  # a flag's value (or the config's get_config) was rejected
+            message = f"{e} (see --help)"
+        else:  # an override ml_collections could not apply: name the key when it does not exist
+            message = _bad_override(argv) or f"bad --config override: {e}"
+        print("error: " + " ".join(message.split()), file=sys.stderr)
         sys.exit(2)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: bad --config override: {e}", file=sys.stderr)
-        sys.exit(2)
+
+
+def run_cli(main, module_name: str) -> None:
+    """absl's app.run(main) for a CLI module: flags parsed by parse_cli_flags, and --help shows that module's
+    docstring and flags (under a console script or a wrapper script, __main__ is a stub)."""
+    from absl import app
+
+    sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
+    for flag in [flags.FLAGS["config"], *flags.FLAGS.get_key_flags_for_module(module_name)]:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(main, flags_parser=lambda argv: parse_cli_flags(flags.FLAGS, argv))
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -73,3 +215,9 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
 def seq_len(config: ml_collections.ConfigDict) -> int:
     """Input length is derived, never stored: n_segments × segment_len."""
     return config.model.n_segments * config.model.segment_len
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m infini_jax.config --markdown   (prints the README's table of config keys)")
+    print(markdown_table())

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infini_jax.config import defaults, with_defaults
 from infini_jax.model import InfiniTransformer, ModelConfig
 
 KNOCKOUT_GATE_LOGIT = -1e9  # sigmoid(-1e9) == 0.0 exactly in float32
@@ -468,16 +469,13 @@ def run(config, model: InfiniTransformer, tokenizer, *, tasks: Sequence[str] = T
     return out
 
 
-EVALS_DEFAULTS = dict(passkey_x=(), passkey_depths=(0.0, 0.5, 1.0), passkey_trials=10, passkey_knockout=True,
-                      passkey_seed=12345)
+EVALS_DEFAULTS = defaults("evals")  # every config.evals key (infini_jax/configs/base.py)
 
 
 def passkey_report(model: InfiniTransformer, tokenizer, evals_cfg, *, log=print) -> dict:
     """The passkey evaluator of `config.evals` (run by train.py at the end of training): digit accuracy at
     passkey_x × the training length (model.cfg.seq_len), at passkey_depths, passkey_trials passkeys per cell,
     with the memory and (passkey_knockout, infini only) without it. Returns {"passkey", "passkey_knockout"}."""
-    from infini_jax.config import with_defaults
-
     e = with_defaults("evals", evals_cfg, EVALS_DEFAULTS)
     lengths = [int(x * model.cfg.seq_len) for x in e["passkey_x"]]
     if not lengths:

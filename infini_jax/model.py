@@ -37,31 +37,33 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 259
-    d_model: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: Optional[int] = None  # None: = num_heads (multi-head); 1: multi-query
-    head_dim: int = 32  # d_key = d_value
-    d_ff: int = 512
-    segment_len: int = 64
+    """config.model: the model's shape. Each field's comment is its row in the README's config table."""
+
+    vocab_size: int = 259  # embedding rows; must equal the tokenizer's vocabulary (259 for 'byte')
+    d_model: int = 128  # residual stream width
+    num_layers: int = 2  # decoder blocks
+    num_heads: int = 4  # query heads per layer
+    num_kv_heads: Optional[int] = None  # key/value heads (GQA); None: = num_heads, 1: multi-query
+    head_dim: int = 32  # d_key = d_value per head
+    d_ff: int = 512  # hidden width of the MLP
+    segment_len: int = 64  # N: tokens per segment (local attention span, memory update interval)
     n_segments: int = 4  # segments per training input; seq_len = n_segments * segment_len
-    attention: str = "infini"
-    rule: str = "linear"
-    mode: str = "scan"
-    mlp: str = "gated"
-    activation: str = "silu"
-    tie_embeddings: bool = True
+    attention: str = "infini"  # 'infini' (compressive memory) or a baseline: 'xl', 'local', 'full'
+    rule: str = "linear"  # memory update rule: 'linear' or 'delta'
+    mode: str = "scan"  # memory over segments: 'scan' (sequential) or 'parallel' (prefix sums, no loop)
+    mlp: str = "gated"  # 'gated' (3 matrices, GLU) or 'plain' (2 matrices)
+    activation: str = "silu"  # MLP activation: 'silu' or 'gelu'
+    tie_embeddings: bool = True  # output projection = input embedding transposed
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
-    rope_base: Optional[float] = 10000.0  # None: no RoPE
-    gate_init: float = 0.0  # initial β: sigmoid(0) = 0.5
-    norm_eps: float = 1e-6
-    dtype: str = "float32"  # activation / compute dtype
-    param_dtype: str = "float32"
+    rope_base: Optional[float] = 10000.0  # RoPE base on the local attention; None: no RoPE
+    gate_init: float = 0.0  # initial gate logit β: sigmoid(0) = 0.5 memory / 0.5 local
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    dtype: str = "float32"  # activation / compute dtype: 'float32' or 'bfloat16'
+    param_dtype: str = "float32"  # parameter (and optimizer state) dtype
     remat: bool = True  # jax.checkpoint around each block
     remat_segments: bool = True  # jax.checkpoint around each segment of the infini scan (False: faster, more memory)
     scan_layers: bool = False  # stack the blocks' params [layers, ...] and jax.lax.scan over them
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal initialisation of every matrix
 
     @property
     def seq_len(self) -> int:

@@ -26,26 +26,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from infini_jax.config import with_defaults
+from infini_jax.config import defaults, with_defaults
 
-# Every config.optim key and its default (a key not listed here is an error).
-DEFAULTS: dict[str, Any] = dict(
-    name="adamw",  # 'adamw' | 'adafactor'
-    lr=1e-3,
-    gate_lr=None,  # None: = lr
-    warmup_steps=0,
-    schedule="cosine",  # 'cosine' | 'constant'
-    min_lr_ratio=0.1,
-    weight_decay=0.0,
-    clip_norm=1.0,  # None or 0: no clipping
-    grad_accum=1,
-    b1=0.9,
-    b2=0.95,
-    eps=1e-8,
-    adafactor_decay_rate=0.8,
-    adafactor_clip=1.0,
-    adafactor_param_scale=False,
-)
+# Every config.optim key and its default (infini_jax/configs/base.py; a key not there is an error).
+DEFAULTS: dict[str, Any] = defaults("optim")
 NAMES = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "constant")
 GATE_SUFFIX = "gate_logit"

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], n_devices: int) -> dict[str, int]:
-    """{axis: size} in MESH_AXES order; resolves one -1; errors name the config keys."""
-    cfg = dict(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg)
+    """{axis: size} in MESH_AXES order; resolves one -1; errors name the config keys. An axis set to None
+    (the base config's `context`) is not in the mesh."""
+    cfg = {k: v for k, v in (mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg).items() if v is not None}
     unknown = sorted(set(cfg) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"unknown config.mesh keys {unknown}; valid keys: {list(MESH_AXES)}")

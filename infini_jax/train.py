@@ -35,17 +35,13 @@ import optax
 from flax import nnx
 
 from infini_jax import checkpoint as ckpt_lib
-from infini_jax.config import with_defaults
+from infini_jax.config import defaults, with_defaults
 from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
 from infini_jax.model import InfiniTransformer, ModelConfig, logits_from_hidden
 
-# Every config.train key and its default (a key not listed here is an error).
-TRAIN_DEFAULTS: dict[str, Any] = dict(
-    steps=100, batch_size=8, seed=0, log_every=10, eval_every=0, eval_batches=4, ckpt_every=0,
-    keep_checkpoints=2, async_checkpoints=True,
-    init_from="",  # fine-tuning: a workdir / checkpoints dir / step dir whose params start a fresh run
-)
+# Every config.train key and its default (infini_jax/configs/base.py; a key not there is an error).
+TRAIN_DEFAULTS: dict[str, Any] = defaults("train")
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +73,7 @@ def validate_config(config, *, process_count: Optional[int] = None) -> tuple[Mod
     """(ModelConfig, train dict, optim dict); every config error that needs no devices, before compiling."""
     for section in ("model", "data", "train", "optim", "mesh"):
         if section not in config:
-            raise ValueError(f"config has no {section!r} section (see configs/tiny.py)")
+            raise ValueError(f"config has no {section!r} section (see infini_jax/configs/base.py)")
     model_cfg = ModelConfig.from_dict(config.model)
     if "evals" in config:  # unknown evaluator keys fail here, not after training
         from infini_jax.evaluate import EVALS_DEFAULTS

@@ -5,22 +5,13 @@ conftest sets JAX_PLATFORMS=cpu: that only chooses the backend of ordinary array
 description and the XLA:TPU compiler come from libtpu regardless, so the test runs under the suite as is.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from infini_jax import aot
-from infini_jax.config import model_config
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
+from infini_jax.config import load_config, model_config
 
 def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config(f"{name}:{arg}" if arg else name)
 
 
 def test_topology_names():

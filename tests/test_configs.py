@@ -4,26 +4,18 @@ Counts come from the NNX model built abstractly (nnx.eval_shape: no memory is al
 checked in a second on a laptop.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from flax import nnx
 
 from infini_jax import optim, train
-from infini_jax.config import model_config, seq_len
+from infini_jax.config import load_config, model_config, seq_len
 from infini_jax.data import check_data_config
 from infini_jax.model import InfiniTransformer, count_params
 from infini_jax.sharding import mesh_shape
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load(name: str, arg: str = ""):
+    return load_config(f"{name}:{arg}" if arg else name)
 
 
 def abstract_params(cfg) -> int:
@@ -45,7 +37,7 @@ def lm_params(cfg) -> int:
 
 
 ALL = [
-    ("tiny", ""), ("pg19", ""), ("pg19", "rule=delta,attention=infini"), ("pg19", "attention=xl"),
+    ("base", ""), ("tiny", ""), ("pg19", ""), ("pg19", "rule=delta,attention=infini"), ("pg19", "attention=xl"),
     ("pg19", "attention=local,mode=parallel"), ("pg19", "attention=full"),
     ("arxiv_math", ""), ("arxiv_math", "rule=delta"),
     ("passkey_1b", ""), ("passkey_1b", "stage=finetune,rule=delta"), ("passkey_1b", "arch=gemma"),
@@ -56,7 +48,7 @@ ALL = [
 
 @pytest.mark.parametrize("name,arg", ALL)
 def test_config_builds_and_is_locked(name, arg):
-    config = load(name).get_config(arg)
+    config = load(name, arg)
     cfg = model_config(config)
     assert cfg.seq_len == seq_len(config)
     assert seq_len(config) % cfg.segment_len == 0
@@ -77,13 +69,13 @@ def test_config_builds_and_is_locked(name, arg):
 @pytest.mark.parametrize("name", ["pg19", "arxiv_math", "passkey_1b", "booksum_8b", "tiny"])
 def test_unknown_arg_is_an_error(name):
     with pytest.raises(ValueError, match="unknown config arg"):
-        load(name).get_config("rulez=delta")
+        load(name, "rulez=delta")
     with pytest.raises(ValueError, match="is not one of"):
-        load(name).get_config("rule=quadratic")
+        load(name, "rule=quadratic")
 
 
 def test_paper_lm_shape_and_memory_footprint():
-    config = load("pg19").get_config("")
+    config = load("pg19")
     cfg = model_config(config)
     assert (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.d_model, cfg.d_ff) == (12, 8, 128, 1024, 4096)
     assert (cfg.segment_len, cfg.n_segments, cfg.seq_len) == (2048, 16, 32768)
@@ -102,7 +94,7 @@ def test_paper_lm_shape_and_memory_footprint():
 
 
 def test_arxiv_math_shares_pg19_except_data():
-    pg19, arxiv = load("pg19").get_config("rule=delta"), load("arxiv_math").get_config("rule=delta")
+    pg19, arxiv = load("pg19", "rule=delta"), load("arxiv_math", "rule=delta")
     for section in ("model", "train", "optim", "mesh"):
         assert pg19[section].to_dict() == arxiv[section].to_dict()
     assert (pg19.data.name, arxiv.data.name) == ("pg19", "text")
@@ -116,7 +108,7 @@ def test_arxiv_math_shares_pg19_except_data():
     ("pg19", "", None),
 ])
 def test_parameter_counts_match_published(name, arg, published):
-    cfg = model_config(load(name).get_config(arg))
+    cfg = model_config(load(name, arg))
     n = abstract_params(cfg)
     assert n == lm_params(cfg)
     if published is not None:
@@ -125,13 +117,13 @@ def test_parameter_counts_match_published(name, arg, published):
 
 
 def test_llm_stages():
-    pre, fine = load("passkey_1b").get_config("stage=pretrain"), load("passkey_1b").get_config("stage=finetune")
+    pre, fine = load("passkey_1b", "stage=pretrain"), load("passkey_1b", "stage=finetune")
     assert (seq_len(pre), pre.train.steps, pre.train.batch_size, pre.optim.lr) == (4096, 30_000, 64, 1e-4)
     assert model_config(pre).segment_len == 2048
     assert fine.data.name == "passkey" and fine.train.steps == 400
     assert seq_len(fine) == 6144 and seq_len(fine) >= fine.data.passkey_min_len >= 5000
     assert model_config(pre).num_layers == model_config(fine).num_layers  # fine-tune loads the pretrain
-    pre8, fine8 = load("booksum_8b").get_config("stage=pretrain"), load("booksum_8b").get_config("stage=finetune")
+    pre8, fine8 = load("booksum_8b", "stage=pretrain"), load("booksum_8b", "stage=finetune")
     assert (seq_len(pre8), seq_len(fine8)) == (8192, 32768)
     assert fine8.data.name == "booksum" and model_config(fine8).dtype == "bfloat16"
     assert fine8.data.max_document_tokens < seq_len(fine8)

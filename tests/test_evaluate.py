@@ -186,14 +186,9 @@ def test_footprint_matches_paper_table1():
 # ---- loading and the CLI ------------------------------------------------------------------------------------
 
 def _tiny_config(**model_overrides):
-    import importlib.util
-    from pathlib import Path
+    from infini_jax.config import load_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-    spec = importlib.util.spec_from_file_location("tiny_cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    config = load_config("tiny")
     with config.unlocked():
         for k, v in model_overrides.items():
             config.model[k] = v
@@ -238,7 +233,7 @@ def _run_cli(*args, timeout=240):
 
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    return subprocess.run([sys.executable, str(repo / "eval.py"), "--config", str(repo / "configs" / "tiny.py"),
+    return subprocess.run([sys.executable, str(repo / "eval.py"), "--config", "tiny",
                            "--noprogress", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=repo)
 
 

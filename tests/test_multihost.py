@@ -31,10 +31,8 @@ WORKER = textwrap.dedent('''
     if num_processes > 1:
         assert sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
     assert jax.device_count() == 4, jax.devices()
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny", "configs/tiny.py")
-    tiny = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny)
-    config = tiny.get_config("")
+    from infini_jax.config import load_config
+    config = load_config("tiny")
     config.train.steps = STEPS
     config.train.log_every = 1
     config.train.eval_every = 0

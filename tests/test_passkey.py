@@ -122,13 +122,9 @@ def test_passkey_report_from_config_evals():
     assert out["passkey"]["lengths"] == [320, 640] and out["passkey_knockout"]["lengths"] == [320, 640]
     assert len(out["passkey"]["digit_accuracy"]) == 2 and "knocked out" in lines[1]
     assert ev.passkey_report(model, TOK, dict(passkey_x=())) == {}
-    import importlib.util
-    from pathlib import Path
+    from infini_jax.config import load_config
 
-    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    config = tiny.get_config()
+    config = load_config("tiny")
     validate_config(config)
     bad = ml_collections.ConfigDict(config.to_dict())
     bad.evals.passkey_trails = 3

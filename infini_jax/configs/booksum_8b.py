@@ -12,13 +12,12 @@ Stages (arg `stage`):
 Other args: rule=linear|delta, attention=infini|xl|local|full, mode=scan|parallel.
 Llama-3's tokenizer is tiktoken BPE: data.tokenizer needs a loader for it (see passkey_1b.py).
 
-    python train.py --config configs/booksum_8b.py:stage=finetune,rule=delta --config.data.data_dir=booksum/ \
+    infini-train --config booksum_8b:stage=finetune,rule=delta --config.data.data_dir=booksum/ \
         --workdir ...   (fine-tuning starts from the pretrain parameters: checkpoint.restore_params)
 """
 
-import ml_collections
-
 from infini_jax.config import parse_arg
+from infini_jax.configs import base
 
 ARGS = dict(stage=("pretrain", "finetune"), rule=("linear", "delta"),
             attention=("infini", "xl", "local", "full"), mode=("scan", "parallel"))
@@ -34,26 +33,16 @@ def get_config(arg=None):
     arg = parse_arg(arg, ARGS)
     pretrain = arg.stage == "pretrain"
     n_segments = 4 if pretrain else 16  # 8K or 32K inputs
-    config = ml_collections.ConfigDict()
-    config.model = dict(
-        **ARCH, segment_len=SEGMENT_LEN, n_segments=n_segments, attention=arg.attention, rule=arg.rule,
-        mode=arg.mode, mlp="gated", gate_init=0.0, dtype="bfloat16", param_dtype="float32", remat=True,
-        init_std=0.02, scan_layers=True,
-    )
+    config = base.get_config()
+    config.model.update(**ARCH, segment_len=SEGMENT_LEN, n_segments=n_segments, attention=arg.attention,
+                        rule=arg.rule, mode=arg.mode, dtype="bfloat16", scan_layers=True)
     if pretrain:
-        config.data = dict(name="text", tokenizer="", data_dir="", seed=0)
+        config.data.update(name="text", tokenizer="")
     else:
-        config.data = dict(name="booksum", tokenizer="", data_dir="", seed=0, document_field="document",
-                           summary_field="summary", separator="\n\nSummary:\n",
-                           max_document_tokens=(n_segments - 1) * SEGMENT_LEN)
-    config.train = dict(
-        steps=30_000 if pretrain else 1000, batch_size=64, seed=0, log_every=50, eval_every=2000 if pretrain else 200,
-        eval_batches=8, ckpt_every=1000 if pretrain else 200, keep_checkpoints=2, init_from="",
-    )
-    config.optim = dict(
-        name="adamw", lr=1e-4 if pretrain else 2e-5, gate_lr=1e-2, warmup_steps=1000 if pretrain else 50,
-        schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, grad_accum=1, b1=0.9, b2=0.95,
-    )
-    config.mesh = dict(data=1, fsdp=-1, tensor=1)
-    config.lock()
+        config.data.update(name="booksum", tokenizer="", max_document_tokens=(n_segments - 1) * SEGMENT_LEN)
+    config.train.update(steps=30_000 if pretrain else 1000, batch_size=64, log_every=50,
+                        eval_every=2000 if pretrain else 200, eval_batches=8, ckpt_every=1000 if pretrain else 200)
+    config.optim.update(lr=1e-4 if pretrain else 2e-5, gate_lr=1e-2, warmup_steps=1000 if pretrain else 50,
+                        weight_decay=0.1)
+    config.mesh.update(data=1, fsdp=-1)
     return config

@@ -27,13 +27,12 @@ Stages (arg `stage`):
             pretrain checkpoint's parameters (--config.train.init_from=<pretrain workdir>).
 Other args: rule=linear|delta, attention=infini|xl|local|full, mode=scan|parallel.
 
-    python train.py --config configs/passkey_1b.py:stage=pretrain,rule=delta --config.data.data_dir=... \
+    infini-train --config passkey_1b:stage=pretrain,rule=delta --config.data.data_dir=... \
         --config.data.tokenizer=... --workdir ...
 """
 
-import ml_collections
-
 from infini_jax.config import parse_arg
+from infini_jax.configs import base
 
 ARGS = dict(stage=("pretrain", "finetune"), arch=("llama", "gemma"), rule=("linear", "delta"),
             attention=("infini", "xl", "local", "full"), mode=("scan", "parallel"))
@@ -56,27 +55,15 @@ def get_config(arg=None):
     arg = parse_arg(arg, ARGS)
     pretrain = arg.stage == "pretrain"
     n_segments = 2 if pretrain else -(-PASSKEY_MIN_LEN // SEGMENT_LEN)  # 4K, or 5K rounded up to 3 segments
-    config = ml_collections.ConfigDict()
-    config.model = dict(
-        **ARCHS[arg.arch], segment_len=SEGMENT_LEN, n_segments=n_segments, attention=arg.attention,
-        rule=arg.rule, mode=arg.mode, mlp="gated", gate_init=0.0, dtype="bfloat16", param_dtype="float32",
-        remat=True, init_std=0.02, scan_layers=True,
-    )
+    config = base.get_config()
+    config.model.update(**ARCHS[arg.arch], segment_len=SEGMENT_LEN, n_segments=n_segments, attention=arg.attention,
+                        rule=arg.rule, mode=arg.mode, dtype="bfloat16", scan_layers=True)
     if pretrain:
-        config.data = dict(name="text", tokenizer="", data_dir="", seed=0)
+        config.data.update(name="text", tokenizer="")
     else:
-        config.data = dict(name="passkey", tokenizer="", data_dir="", seed=0, passkey_digits=5,
-                           passkey_min_len=PASSKEY_MIN_LEN, passkey_depth_min=0.0, passkey_depth_max=1.0,
-                           passkey_loss_on_all=False, passkey_intro=True)
-    config.train = dict(
-        steps=30_000 if pretrain else 400, batch_size=64, seed=0, log_every=50 if pretrain else 10,
-        eval_every=2000 if pretrain else 100, eval_batches=8, ckpt_every=1000 if pretrain else 200,
-        keep_checkpoints=2, init_from="",
-    )
-    config.optim = dict(
-        name="adamw", lr=1e-4, gate_lr=1e-2, warmup_steps=1000 if pretrain else 40, schedule="cosine",
-        min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, grad_accum=1, b1=0.9, b2=0.95,
-    )
-    config.mesh = dict(data=1, fsdp=-1, tensor=1)
-    config.lock()
+        config.data.update(name="passkey", tokenizer="", passkey_min_len=PASSKEY_MIN_LEN)
+    config.train.update(steps=30_000 if pretrain else 400, batch_size=64, log_every=50 if pretrain else 10,
+                        eval_every=2000 if pretrain else 100, eval_batches=8, ckpt_every=1000 if pretrain else 200)
+    config.optim.update(lr=1e-4, gate_lr=1e-2, warmup_steps=1000 if pretrain else 40, weight_decay=0.1)
+    config.mesh.update(data=1, fsdp=-1)
     return config
