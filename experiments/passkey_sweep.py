@@ -28,6 +28,8 @@ V4 = {**MINI, "model.n_segments": 10, "data.passkey_intro": 0.5, "train.batch_si
       "data.passkey_mass_prob": 0.5, "data.passkey_mass_after": 1200}
 VARIANTS = {
     "v4": V4,
+    "lr6e-3": {"optim.lr": 6e-3},
+    "ff128_b12": {"model.d_ff": 128, "train.batch_size": 12},  # ~35% fewer FLOPs per token, 1.5x the examples
     "v4_all": {**V4, "data.passkey_loss_on_all": True},
     "mini": MINI,
     "mini_all": {**MINI, "data.passkey_loss_on_all": True},
@@ -78,7 +80,7 @@ def run_variant(name: str, steps: int, out: Path, trials: int, arg: str) -> dict
     model, _ = ev.load_model(config, workdir=workdir)
     tok = load_tokenizer("byte")
     L = model.cfg.seq_len
-    row = {"variant": name, "overrides": VARIANTS[name], "steps": steps, "train_seconds": round(train_s, 1),
+    row = {"variant": name, "arg": arg, "overrides": VARIANTS[name], "steps": steps, "train_seconds": round(train_s, 1),
            "train_loss": result.get("train", {}).get("loss"), "backend": jax.default_backend()}
     for tag, m in (("memory", model), ("knockout", ev.knockout_model(model))):
         sweep = ev.passkey_sweep(m, tok, [max(L, 512), 16 * L], [0.0, 0.5, 1.0], trials=trials, seed=12345)

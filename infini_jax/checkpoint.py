@@ -15,24 +15,32 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from infini_jax import paths
+
 ITEMS = ("params", "opt", "data", "config")
+COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
 
 log = logging.getLogger(__name__)
 
 
-class Checkpointer:
-    """CheckpointManager over <workdir>/checkpoints with the four items above."""
+class ResumeError(ValueError):
+    """A checkpoint that is intact but cannot be resumed by this run (not damage: no fallback)."""
 
-    def __init__(self, workdir: str | Path, *, keep: Optional[int] = 2, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+
+class Checkpointer:
+    """CheckpointManager over <workdir>/checkpoints with the four items above. `workdir`: a local path or a
+    URI (gs://...), kept an epath.Path throughout."""
+
+    def __init__(self, workdir: epath.PathLike, *, keep: Optional[int] = 2, async_save: bool = True):
+        self.directory = paths.resolve(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -63,18 +71,60 @@ class Checkpointer:
         data = out.data or {}
         per = data.get("per_process") or []
         if per and data.get("process_count") != jax.process_count():
-            raise ValueError(f"checkpoint step {step} was written by {data.get('process_count')} processes, "
+            raise ResumeError(f"checkpoint step {step} was written by {data.get('process_count')} processes, "
                              f"this run has {jax.process_count()}: the data-iterator state cannot be resumed")
         return out.params, out.opt, (per[jax.process_index()] if per else None)
 
+    def restore_latest(self, abstract_params, abstract_opt: Mapping[str, Any], check: Callable[[dict], None]):
+        """(step, params, opt, data state) of the newest intact step, or None if there is no step.
+
+        `check(saved_config)` runs first on each step and its ValueError (another model, a changed schedule)
+        stops the run: that is not damage. Any other failure to read a step (truncated array file, garbage
+        metadata or config, a missing commit marker) is damage: a warning names the step and the error, the
+        step is moved aside to checkpoints/<step>.damaged (never deleted: kept for inspection, and out of the
+        way of the re-save of that step), and the next earlier step is tried."""
+        for step in sorted(self.all_steps(), reverse=True):
+            if not (self.directory / str(step) / COMMIT_FILE).exists():  # Orbax writes it last, on every backend
+                self._set_aside(step, f"no {COMMIT_FILE}: the save never finished")
+                continue
+            try:
+                saved = self.saved_config(step)
+            except Exception as e:  # noqa: BLE001 - any unreadable config is damage
+                self._set_aside(step, f"config unreadable ({_first_line(e)})")
+                continue
+            check(saved)
+            try:
+                return (step, *self.restore(step, abstract_params, abstract_opt))
+            except ResumeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types for a damaged step
+                self._set_aside(step, _first_line(e))
+        return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.damaged"
+        if jax.process_index() == 0 and src.exists():
+            src.rename(dst)
+        _sync(f"set_aside_{step}")
+        self.manager.reload()
+        log.warning("checkpoint step %d in %s cannot be restored (%s): moved to %s; trying the previous step",
+                    step, self.directory, why, dst)
+
     def saved_config(self, step: Optional[int] = None) -> Optional[dict]:
+        """The experiment config saved with `step` (default: the latest), or None if there is no step.
+        Raises if the step's config is unreadable."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
         path = self.directory / str(step) / "config" / "metadata"
         if path.exists():
-            return json.loads(path.read_text())
-        return self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+            saved = json.loads(path.read_text())
+        else:
+            saved = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+            raise ValueError(f"{path} is not an experiment config")
+        return saved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -82,6 +132,18 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _jsonable(config) -> dict:
@@ -104,7 +166,7 @@ def _allgather_json(obj) -> list:
 
 
 # model keys that may change between a checkpoint and its resumption: same parameters, same function
-RESUME_COMPATIBLE = ("remat", "mode")
+RESUME_COMPATIBLE = ("remat", "remat_segments", "mode")
 
 
 def check_model_matches(saved_config: Optional[Mapping[str, Any]], model_section: Mapping[str, Any], where) -> None:
@@ -121,16 +183,31 @@ def check_model_matches(saved_config: Optional[Mapping[str, Any]], model_section
                          f"(saved, now): {diff}. Use another --workdir, or restore_params() to fine-tune.")
 
 
-def _step_dir(path: str | Path) -> Path:
+def newest_readable_config(workdir: epath.PathLike) -> Optional[dict]:
+    """The saved experiment config of the newest step of <workdir>/checkpoints whose config reads, or None.
+    Reads files only (no CheckpointManager, nothing created): the CLI checks it before building data."""
+    root = paths.resolve(workdir) / "checkpoints"
+    steps = sorted((int(c.name) for c in root.iterdir() if c.name.isdigit()), reverse=True) if root.is_dir() else []
+    for step in steps:
+        try:
+            saved = json.loads((root / str(step) / "config" / "metadata").read_text())
+        except Exception:  # noqa: BLE001 - damaged or missing: restore_latest deals with it
+            continue
+        if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+            return saved
+    return None
+
+
+def find_step_dir(path: epath.PathLike) -> epath.Path:
     """A step directory from a step dir, a checkpoints dir or a workdir (latest step)."""
-    p = Path(path).absolute()
+    p = paths.resolve(path)
     if (p / "params").is_dir():
         return p
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
     steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / "params").is_dir()) \
         if root.is_dir() else []
     if not steps:
-        raise FileNotFoundError(f"no checkpoint found at {path}")
+        raise FileNotFoundError(f"no checkpoint found at {path} (give a workdir, its checkpoints/ dir or one step dir)")
     return root / str(steps[-1])
 
 
@@ -138,7 +215,7 @@ def _path_key(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def restore_params(path: str | Path, model_config, mesh=None):
+def restore_params(path: epath.PathLike, model_config, mesh=None):
     """Parameters only, as a pure dict matching nnx.to_pure_dict(nnx.state(model, nnx.Param)), placed with the
     model's param shardings on `mesh` (default: replicated on the first device). `path`: a workdir, its
     checkpoints dir or one step dir. Missing/extra paths or shape mismatches → ValueError naming them.
@@ -156,7 +233,7 @@ def restore_params(path: str | Path, model_config, mesh=None):
     else:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, shapes)
-    step_dir = _step_dir(path)
+    step_dir = find_step_dir(path)
     with ocp.StandardCheckpointer() as ckptr:
         saved_tree = ckptr.metadata(step_dir / "params").item_metadata.tree
     saved = {_path_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}

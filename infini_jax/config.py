@@ -198,8 +198,13 @@ def parse_cli_flags(flags_obj, argv):
 
 def run_cli(main, module_name: str) -> None:
     """absl's app.run(main) for a CLI module: flags parsed by parse_cli_flags, and --help shows that module's
-    docstring and flags (under a console script or a wrapper script, __main__ is a stub)."""
+    docstring and flags (under a console script or a wrapper script, __main__ is a stub). On a host without an
+    accelerator JAX is kept on the CPU platform first (no libtpu start-up noise: sharding.choose_platform)."""
     from absl import app
+
+    from infini_jax.sharding import choose_platform
+
+    choose_platform()
 
     sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
     for flag in [flags.FLAGS["config"], *flags.FLAGS.get_key_flags_for_module(module_name)]:

@@ -360,8 +360,7 @@ def load_model(config, *, workdir=None, checkpoint=None, init_random: bool = Fal
     """(model, info) for `config` from the latest checkpoint in workdir, or a checkpoint path (a workdir, its
     checkpoints/ dir or one step dir). Mismatches raise ValueError / FileNotFoundError naming the fix, before
     anything compiles. init_random=True builds a freshly initialised model (smoke tests only)."""
-    from pathlib import Path
-
+    from infini_jax import paths
     from infini_jax.config import model_config
 
     cfg = model_config(config)
@@ -370,12 +369,12 @@ def load_model(config, *, workdir=None, checkpoint=None, init_random: bool = Fal
     path = checkpoint or workdir
     if not path:
         raise ValueError("no model to evaluate: pass --workdir DIR (its latest checkpoint) or --checkpoint PATH")
-    if not Path(path).exists():
+    if not paths.resolve(path).exists():
         raise FileNotFoundError(f"{'--checkpoint' if checkpoint else '--workdir'} {path} does not exist; "
                                 "pass the workdir train.py wrote, or a checkpoint step directory")
     from infini_jax import checkpoint as ckpt_lib
 
-    step_dir = ckpt_lib._step_dir(path)  # FileNotFoundError "no checkpoint found at ..." when empty
+    step_dir = ckpt_lib.find_step_dir(path)  # FileNotFoundError "no checkpoint found at ..." when empty
     saved_cfg = step_dir / "config" / "metadata"
     if saved_cfg.exists():
         import json

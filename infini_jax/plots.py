@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from etils import epath
+
+from infini_jax import paths
 
 
 def _plt():
@@ -27,7 +29,7 @@ def _length_label(n: int) -> str:
     return str(n)
 
 
-def passkey_heatmap(sweep: dict, path: str | Path, title: str = "Passkey retrieval: digit accuracy (%)") -> Path:
+def passkey_heatmap(sweep: dict, path: epath.PathLike, title: str = "Passkey retrieval: digit accuracy (%)") -> epath.Path:
     """sweep = evaluate.passkey_sweep(...): rows = depth (0% at top), columns = prompt length."""
     plt = _plt()
     acc = np.asarray(sweep["digit_accuracy"], float) * 100  # [n_depths, n_lengths]
@@ -47,7 +49,7 @@ def passkey_heatmap(sweep: dict, path: str | Path, title: str = "Passkey retriev
     return _save(fig, path)
 
 
-def gate_plot(gates_lh, path: str | Path, title: str = "Gates sigmoid(β) per head and layer") -> Path:
+def gate_plot(gates_lh, path: epath.PathLike, title: str = "Gates sigmoid(β) per head and layer") -> epath.Path:
     """gates [num_layers, num_heads] (model.gate_values): one row of bars per layer, like the paper's Figure 3."""
     plt = _plt()
     gates_lh = np.asarray(gates_lh, float)
@@ -69,9 +71,9 @@ def gate_plot(gates_lh, path: str | Path, title: str = "Gates sigmoid(β) per he
     return _save(fig, path)
 
 
-def segment_curve_plot(curves: dict, path: str | Path, min_tokens: int = 1,
+def segment_curve_plot(curves: dict, path: epath.PathLike, min_tokens: int = 1,
                        title: str = "Loss by segment position within the document",
-                       ylabel: str = "mean NLL (nats/token)", log_x: bool = False) -> Path:
+                       ylabel: str = "mean NLL (nats/token)", log_x: bool = False) -> epath.Path:
     """curves: {label: evaluate_perplexity(...)["segment_curve"]}, e.g. {"memory": ..., "knock-out": ...}."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -93,18 +95,19 @@ def segment_curve_plot(curves: dict, path: str | Path, min_tokens: int = 1,
     return _save(fig, path)
 
 
-def _save(fig, path) -> Path:
-    path = Path(path)
+def _save(fig, path) -> epath.Path:
+    path = paths.resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with path.open("wb") as f:  # through epath: gs:// works
+        fig.savefig(f, format="png", dpi=120)
     _plt().close(fig)
     return path
 
 
-def plot_all(results: dict, out_dir: str | Path, gates_lh: Optional[Sequence] = None) -> list[Path]:
+def plot_all(results: dict, out_dir: epath.PathLike, gates_lh: Optional[Sequence] = None) -> list[epath.Path]:
     """The PNGs that `results` (eval.py's JSON) allows: passkey.png, gates.png, segment_loss.png."""
-    out_dir, made = Path(out_dir), []
+    out_dir, made = paths.resolve(out_dir), []
     if results.get("passkey"):
         made.append(passkey_heatmap(results["passkey"], out_dir / "passkey.png"))
     if gates_lh is not None:

@@ -234,6 +234,20 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, batch_size: 
             for k, v in local_batch.items()}
 
 
+def choose_platform() -> None:
+    """On a host with no accelerator, keeps JAX from initialising libtpu (the `tpu` extra installs it for
+    ahead-of-time TPU compiles), which prints ~6 lines of TPU_WORKER_HOSTNAMES errors on every start. Call it
+    before JAX's first use of a device. TPU VMs (/dev/accel*, /dev/vfio/N), GPU hosts and an explicit
+    JAX_PLATFORMS are left alone. AOT compiles for a TPU topology still work on CPU after it."""
+    import glob
+
+    if os.environ.get("JAX_PLATFORMS") or any(glob.glob(p) for p in ("/dev/accel*", "/dev/vfio/[0-9]*",
+                                                                      "/dev/nvidia[0-9]*")):
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                            process_id: Optional[int] = None, *, force: bool = False) -> bool:
     """jax.distributed.initialize when running multi-process; returns whether it did.

@@ -19,22 +19,25 @@ the loop then stops with NonFiniteLossError and never saves it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from infini_jax import checkpoint as ckpt_lib
+from infini_jax import paths
 from infini_jax.config import defaults, with_defaults
 from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
@@ -306,22 +309,23 @@ def _config_evals(config, params, model_cfg: ModelConfig) -> dict:
 # --------------------------------------------------------------------------- the loop
 
 class _Logger:
-    def __init__(self, workdir: Path, enabled: bool):
+    """metrics.jsonl (through epath: local or gs://) and, where tensorboardX can write there, tb/."""
+
+    def __init__(self, workdir: epath.Path, enabled: bool):
         self.enabled = enabled
-        self.jsonl = (workdir / "metrics.jsonl").open("a") if enabled else None
+        self.jsonl = workdir / "metrics.jsonl"
         self.tb = None
         if enabled:
             try:
                 from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(str(workdir / "tb"))
-            except Exception as e:  # tensorboard is optional
+                self.tb = SummaryWriter(os.fspath(workdir / "tb"))
+            except Exception as e:  # tensorboard is optional (gs:// needs google-cloud-storage)
                 log.warning("tensorboardX unavailable (%s): metrics.jsonl only", e)
 
     def write(self, step: int, split: str, metrics: Mapping[str, Any]):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": int(step), "split": split, **metrics}) + "\n")
-        self.jsonl.flush()
+        paths.append_text(self.jsonl, json.dumps({"step": int(step), "split": split, **metrics}) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
@@ -332,8 +336,6 @@ class _Logger:
             self.tb.flush()
 
     def close(self):
-        if self.jsonl:
-            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -346,33 +348,49 @@ def _eval_data_cfg(config, n_batches: int) -> dict:
     return d
 
 
-def train_and_evaluate(config, workdir: str | Path, *, progress: bool = True, stop_after: Optional[int] = None,
+def train_and_evaluate(config, workdir: epath.PathLike, *, progress: bool = True, stop_after: Optional[int] = None,
                        make_iterator: Optional[Callable] = None) -> dict:
-    """Trains config.train.steps steps in `workdir` (resuming from its latest checkpoint), evaluating every
-    eval_every steps and at the end; writes metrics.jsonl, tb/, checkpoints/ and eval_results.json.
+    """Trains config.train.steps steps in `workdir` (a local path or gs://...; resuming from its latest intact
+    checkpoint), evaluating every eval_every steps and at the end; writes metrics.jsonl, tb/, checkpoints/
+    and eval_results.json.
 
-    SIGTERM (or `stop_after`=k, for tests: stop once k steps are done) saves a checkpoint at the current step,
-    waits for it and returns {"preempted": True, "step": ...}. A non-finite loss raises NonFiniteLossError
-    without saving. `make_iterator` defaults to infini_jax.data.make_iterator.
+    Preemption: one process installs a SIGTERM handler; several processes use JAX's preemption sync manager
+    (`multihost_utils.reached_preemption_sync_point`, every process stops at the same step without a
+    per-step collective). Either way a checkpoint of the current step is saved and waited for, and the
+    result is {"preempted": True, "step": ...}. `stop_after`=k (tests) stops the same way once k steps are
+    done. A non-finite loss raises NonFiniteLossError without saving. `make_iterator` defaults to
+    infini_jax.data.make_iterator.
+
+    Every check that can fail on the config, the data or init_from runs before the workdir is created.
     """
     model_cfg, train, optim = validate_config(config)
     if make_iterator is None:  # the real pipeline: its tokenizer must fit the embedding table
+        from infini_jax.data import make_iterator
+
         check_tokenizer(config, model_cfg)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
+    workdir = paths.resolve(workdir)
+    saved = ckpt_lib.newest_readable_config(workdir)
+    if saved is not None:  # another model or schedule in this workdir: stop before data or compiles
+        check_resume(saved, config, train, optim, workdir)
     mesh = shd.make_mesh(config.mesh)
-    bs, accum = int(train["batch_size"]), int(optim["grad_accum"])
-    check_mesh(mesh, model_cfg, bs, accum)
+    bs = int(train["batch_size"])
+    check_mesh(mesh, model_cfg, bs, int(optim["grad_accum"]))
+    data_index, data_count = shd.data_shard(mesh, bs)
+    data_kw = dict(seq_len=model_cfg.seq_len, batch_size=bs, process_index=data_index, process_count=data_count,
+                   segment_len=model_cfg.segment_len)
+    train_iter = make_iterator(config.data, split="train", train=True, **data_kw)  # a missing data_dir fails here
+    if train["init_from"]:
+        ckpt_lib.find_step_dir(train["init_from"])  # fails here if there is no checkpoint
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=train["keep_checkpoints"], async_save=train["async_checkpoints"])
     prev_handler = None
     stop = {"flag": False}
-    if threading.current_thread() is threading.main_thread():  # from here on, SIGTERM = save and stop
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
         prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     closables: list = []
     try:
-        return _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, progress, stop_after,
-                     make_iterator, closables)
+        return _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, progress, stop_after,
+                     train_iter, functools.partial(make_iterator, **data_kw), closables)
     finally:
         for c in reversed(closables):
             c.close()
@@ -381,26 +399,44 @@ def train_and_evaluate(config, workdir: str | Path, *, progress: bool = True, st
             signal.signal(signal.SIGTERM, prev_handler)
 
 
-def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, progress, stop_after,
+# optim/train keys that shape the learning-rate schedule: changing one on resume bends the schedule mid-run
+SCHEDULE_KEYS = (("train", "steps"), ("optim", "lr"), ("optim", "gate_lr"), ("optim", "warmup_steps"),
+                 ("optim", "schedule"), ("optim", "min_lr_ratio"))
+
+
+def check_resume(saved: Mapping[str, Any], config, train: Mapping[str, Any], optim: Mapping[str, Any],
+                 where) -> None:
+    """A checkpoint of another model, or of another learning-rate schedule (unless
+    train.allow_schedule_change), is an error before anything is restored."""
+    ckpt_lib.check_model_matches(saved, config.model, where)
+    if train["allow_schedule_change"]:
+        return
+    now = {"train": train, "optim": optim}
+    defaults = {"train": TRAIN_DEFAULTS, "optim": optim_lib.DEFAULTS}
+    diff = {f"{sec}.{key}": ((saved.get(sec) or {}).get(key, defaults[sec][key]), now[sec][key])
+            for sec, key in SCHEDULE_KEYS}
+    diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+    if diff:
+        raise ValueError(f"{where} was trained with another learning-rate schedule; changed keys (saved, now): "
+                         f"{diff}. Resuming would reshape the schedule mid-run: restore the saved values, use "
+                         f"another --workdir, or continue on purpose with --config.train.allow_schedule_change=True")
+
+
+def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, progress, stop_after, train_iter,
           make_iterator, closables) -> dict:
     bs, accum, total = int(train["batch_size"]), int(optim["grad_accum"]), int(train["steps"])
-    latest = ckpt.latest_step()
-    if latest is not None:
-        ckpt_lib.check_model_matches(ckpt.saved_config(latest), config.model, workdir)
-    if make_iterator is None:
-        from infini_jax.data import make_iterator
     seq_len = model_cfg.seq_len
-    data_index, data_count = shd.data_shard(mesh, bs)
-    data_kw = dict(seq_len=seq_len, batch_size=bs, process_index=data_index, process_count=data_count,
-                   segment_len=model_cfg.segment_len)
-    train_iter = make_iterator(config.data, split="train", train=True, **data_kw)
-
+    is_main = jax.process_index() == 0
     tx, lr_fn, gate_lr_fn = optim_lib.make_optimizer(optim, total)
+    resume = bool(ckpt.all_steps())
     graphdef, state, state_sh, abstract = create_train_state(model_cfg, tx, mesh, int(train["seed"]),
-                                                             init=latest is None and not train["init_from"])
-    if latest is not None:
-        params, opt, data_state = ckpt.restore(latest, abstract.params, {
-            "opt_state": abstract.opt_state, "step": abstract.step, "rng": abstract.rng})
+                                                             init=not resume and not train["init_from"])
+    restored = ckpt.restore_latest(abstract.params, {"opt_state": abstract.opt_state, "step": abstract.step,
+                                                     "rng": abstract.rng},
+                                   check=lambda saved: check_resume(saved, config, train, optim, workdir)) \
+        if resume else None
+    if restored is not None:
+        latest, params, opt, data_state = restored
         state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"], rng=opt["rng"])
         if data_state is not None:
             train_iter.set_state(data_state)
@@ -411,6 +447,9 @@ def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, p
                            opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
                            rng=jax.device_put(jax.random.PRNGKey(int(train["seed"]) + 1), state_sh.rng))
         log.info("initialized params from %s", train["init_from"])
+    elif resume:  # every step was damaged and set aside: starting afresh must be the user's decision
+        raise ValueError(f"no intact checkpoint in {ckpt.directory} (the damaged steps were moved to "
+                         f"<step>.damaged): rerun the same command to start from step 0, or use another --workdir")
     train_step = make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh, grad_accum=accum,
                                  gate_lr_fn=gate_lr_fn)
     amodel = abstract_model(model_cfg)
@@ -421,8 +460,7 @@ def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, p
         if model_cfg.attention == "infini" else None
 
     def run_eval(step):
-        it = make_iterator(_eval_data_cfg(config, int(train["eval_batches"])), split="validation", train=False,
-                           **data_kw)
+        it = make_iterator(_eval_data_cfg(config, int(train["eval_batches"])), split="validation", train=False)
         res = evaluate(eval_step, state.params, it, mesh, lambda b: init_memory(), bs)
         if gates_fn is not None:
             res["gates"] = np.asarray(jax.device_get(gates_fn(state.params))).tolist()
@@ -481,9 +519,9 @@ def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, is_main, p
         if bar is not None:
             bar.update(1)
         preempt = stop["flag"] or (stop_after is not None and step >= stop_after)
-        if jax.process_count() > 1:
+        if jax.process_count() > 1:  # JAX's sync manager: every process agrees on the step, no collective here
             from jax.experimental import multihost_utils
-            preempt = bool(np.any(multihost_utils.process_allgather(np.array([preempt]))))
+            preempt = multihost_utils.reached_preemption_sync_point(step) or preempt
         ckpt_every, eval_every = int(train["ckpt_every"]), int(train["eval_every"])
         if (ckpt_every and step % ckpt_every == 0) or preempt or step == total:
             drain()

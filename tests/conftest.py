@@ -27,3 +27,19 @@ def shared_dir() -> Path:
     if not (SHARED / "corpus").is_dir():
         pytest.skip(f"needs the shared test corpus at {SHARED}/corpus (absent in this checkout)")
     return SHARED
+
+
+# CI (.ci/run sets INFINI_FAIL_ON_SKIP=1) installs every extra and has ../shared, so no skip applies there: a
+# skipped test would be a check silently not run, and fails the session.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(f"{report.nodeid}: {report.longrepr[-1] if isinstance(report.longrepr, tuple) else ''}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skipped and os.environ.get("INFINI_FAIL_ON_SKIP") == "1":
+        print("\nINFINI_FAIL_ON_SKIP: these tests were skipped, which CI does not allow:\n  " + "\n  ".join(_skipped))
+        session.exitstatus = 1

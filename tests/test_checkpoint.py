@@ -194,8 +194,82 @@ def test_init_from_starts_a_fresh_run_from_saved_params(full_run, tmp_path):
 
 
 def test_check_model_matches_allows_only_compute_keys():
-    saved = {"model": dict(MODEL, mode="scan", remat=False)}
-    ckpt_lib.check_model_matches(saved, dict(MODEL, mode="parallel", remat=True), "w")
+    saved = {"model": dict(MODEL, mode="scan", remat=False)}  # remat_segments absent: saved before the key
+    ckpt_lib.check_model_matches(saved, dict(MODEL, mode="parallel", remat=True, remat_segments=True), "w")
     with pytest.raises(ValueError, match="'rule': \\('linear', 'delta'\\)"):
         ckpt_lib.check_model_matches({"model": dict(MODEL, rule="linear")}, dict(MODEL, rule="delta"), "w")
     ckpt_lib.check_model_matches(None, MODEL, "w")
+
+
+def _truncate_arrays(step_dir):
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated array file": _truncate_arrays,
+    "garbage metadata": lambda d: (d / "params" / "_METADATA").write_text("{not json"),
+    "missing commit marker": lambda d: (d / "commit_success.txt").unlink(),
+    "garbage saved config": lambda d: (d / "config" / "metadata").write_text("\x00garbage"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_latest_checkpoint_falls_back_to_previous_step(full_run, tmp_path, damage, caplog):
+    """The newest step is damaged: a warning names it, it is moved aside (not deleted), training resumes from
+    the step before and ends where the undamaged run ended, bitwise."""
+    import shutil
+
+    full_dir, _ = full_run
+    workdir = tmp_path / "w"
+    shutil.copytree(full_dir, workdir)
+    DAMAGE[damage](workdir / "checkpoints" / str(STEPS))
+    with caplog.at_level("WARNING", logger="infini_jax"):
+        out = T.train_and_evaluate(make_config(), workdir, progress=False, make_iterator=fake_make_iterator())
+    assert out["step"] == STEPS
+    warned = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert warned and f"checkpoint step {STEPS} in " in warned[0] and ".damaged" in warned[0]
+    assert (workdir / "checkpoints" / f"{STEPS}.damaged").is_dir()  # kept for inspection
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"][-2:] == [STEPS - 1, STEPS]  # resumed from step 4
+    cfg = ModelConfig(**MODEL)
+    a, b = ckpt_lib.restore_params(full_dir, cfg), ckpt_lib.restore_params(workdir, cfg)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_changed_schedule_on_resume_is_an_error_unless_allowed(full_run, tmp_path):
+    import shutil
+
+    full_dir, _ = full_run
+    workdir = tmp_path / "w"
+    shutil.copytree(full_dir, workdir)
+    c = make_config()
+    c.train.steps = STEPS + 2
+    never = lambda *a, **k: pytest.fail("must fail before building data or compiling")  # noqa: E731
+    with pytest.raises(ValueError, match=r"another learning-rate schedule.*'train.steps': \(6, 8\).*"
+                                         r"allow_schedule_change=True"):
+        T.train_and_evaluate(c, workdir, progress=False, make_iterator=never)
+    c.optim.lr = 2e-2
+    with pytest.raises(ValueError, match=r"'optim.lr': \(0.01, 0.02\)"):
+        T.train_and_evaluate(c, workdir, progress=False, make_iterator=never)
+    c.optim.lr = 1e-2
+    c.train.allow_schedule_change = True
+    out = T.train_and_evaluate(c, workdir, progress=False, make_iterator=fake_make_iterator())
+    assert out["step"] == STEPS + 2
+
+
+def test_bad_data_or_init_from_leaves_no_workdir(tmp_path):
+    """Errors in the data source or init_from come before the workdir is created: no empty skeleton."""
+    c = make_config()
+    c.train.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no checkpoint found at .*nowhere"):
+        T.train_and_evaluate(c, tmp_path / "w1", progress=False, make_iterator=fake_make_iterator())
+    assert not (tmp_path / "w1").exists()
+
+    def missing(*a, **k):
+        raise FileNotFoundError("data_dir '/nope' does not exist")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        T.train_and_evaluate(make_config(), tmp_path / "w2", progress=False, make_iterator=missing)
+    assert not (tmp_path / "w2").exists()

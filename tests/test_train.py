@@ -19,7 +19,8 @@ def make_batch(step, batch=8, seq_len=16, vocab=64, seed=0):
     rng = np.random.default_rng([seed, step])
     seq = rng.integers(3, vocab, (batch, seq_len + 1)).astype(np.int32)
     mask = np.ones((batch, seq_len), np.float32)
-    mask[:, : 1 + step % 3] = 0.0  # uneven masks: token weighting matters
+    for b in range(batch):  # row-dependent masks: microbatches hold different token counts, so the
+        mask[b, : 1 + (step + 3 * b) % 7] = 0.0  # accumulation must weight by tokens, not by microbatch
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": mask, "reset": np.ones((batch,), bool)}
 
 

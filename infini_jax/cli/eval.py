@@ -12,7 +12,6 @@ Results: <out_dir>/results.json and PNGs (passkey.png, gates.png, segment_loss.p
 
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags
 
@@ -69,7 +68,7 @@ def _main() -> int:
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
     from infini_jax import evaluate as ev
-    from infini_jax import plots
+    from infini_jax import paths, plots
     from infini_jax.config import model_config
     from infini_jax.data.passkey import Haystack, PasskeyStream
     from infini_jax.data.tokenizers import load_tokenizer
@@ -118,7 +117,8 @@ def _main() -> int:
     results["split"] = FLAGS.split
 
     tag = f"step_{info['step']}" if info["step"] is not None else "random_init"
-    out_dir = Path(FLAGS.out_dir) if FLAGS.out_dir else Path(FLAGS.workdir or _workdir_of(FLAGS.checkpoint)) / "eval" / tag
+    out_dir = paths.resolve(FLAGS.out_dir) if FLAGS.out_dir else \
+        paths.resolve(FLAGS.workdir or _workdir_of(FLAGS.checkpoint)) / "eval" / tag
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     pngs = plots.plot_all(results, out_dir, gates_lh=results.get("gates"))
@@ -126,9 +126,11 @@ def _main() -> int:
     return 0
 
 
-def _workdir_of(checkpoint: str) -> Path:
+def _workdir_of(checkpoint: str):
     """<workdir>/checkpoints/<step> → <workdir>; otherwise the checkpoint path itself."""
-    p = Path(checkpoint).absolute()
+    from infini_jax import paths
+
+    p = paths.resolve(checkpoint)
     for parent in (p, *p.parents):
         if parent.name == "checkpoints":
             return parent.parent

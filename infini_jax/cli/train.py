@@ -48,7 +48,9 @@ def main(argv):
             sys.exit(2)
         return
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required (unless --compile_only)")
+        print("error: --workdir is required (a local folder or gs://bucket/run), unless --compile_only",
+              file=sys.stderr)
+        sys.exit(2)
     from infini_jax import sharding
     from infini_jax.train import NonFiniteLossError, train_and_evaluate
 
@@ -62,7 +64,7 @@ def main(argv):
     logging.getLogger("infini_jax").setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
-    except ValueError as e:  # config / checkpoint mismatch: a clear message, no traceback
+    except (ValueError, FileNotFoundError) as e:  # bad config, data_dir, init_from, checkpoint: one line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as e:

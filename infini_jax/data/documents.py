@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Iterator
+
+from etils import epath
+
+from infini_jax import paths
 
 SPLITS = ("train", "validation", "test")
 TEXT_EXTENSIONS = (".txt", ".tex", ".md")
@@ -40,7 +43,7 @@ class DocumentSource:
             yield self[i]
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: epath.Path) -> str:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -50,10 +53,10 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _check_dir(data_dir) -> Path:
+def _check_dir(data_dir) -> epath.Path:
     if data_dir is None or str(data_dir) == "":
         raise ValueError("data_dir is not set; set config.data.data_dir to the folder holding the documents")
-    path = Path(os.path.expanduser(str(data_dir)))
+    path = paths.resolve(data_dir)
     if not path.exists():
         raise FileNotFoundError(f"data_dir {str(path)!r} does not exist; set config.data.data_dir to an existing "
                                 "folder")
@@ -67,7 +70,7 @@ class DirectorySource(DocumentSource):
                  extensions: tuple[str, ...] = TEXT_EXTENSIONS + JSONL_EXTENSIONS):
         self.text_field = text_field
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-        single = Path(os.path.expanduser(str(data_dir))) if data_dir else None
+        single = paths.resolve(data_dir) if data_dir else None
         if single is not None and single.is_file() and single.suffix.lower() in exts:
             root = single.parent  # one file given directly: it is the whole dataset for every split
             present = []
@@ -84,20 +87,22 @@ class DirectorySource(DocumentSource):
             raise ValueError(f"split {split!r} has no folder in {str(root)!r} (found splits: {present}); "
                              f"create {str(root / str(split))!r} or use one of {present}")
         if not (single is not None and single.is_file()):
-            files = sorted(p for p in base.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+            # walk, not rglob: epath refuses recursive globs on object stores
+            files = sorted(top / name for top, _, names in base.walk() for name in names
+                           if (top / name).suffix.lower() in exts)
         if not files:
             raise ValueError(f"no document files ({', '.join(exts)}) in {str(base)!r}"
                              + (f" for split {split!r}" if base != root else "")
                              + "; point config.data.data_dir at a folder of documents")
         self.base = base
         # index: (path, line offset in bytes or -1 for a whole-file document, doc_id)
-        self._index: list[tuple[Path, int, str]] = []
+        self._index: list[tuple[epath.Path, int, str]] = []
         for path in files:
             rel = str(path.relative_to(base))
             if path.suffix.lower() in JSONL_EXTENSIONS:
                 n0 = len(self._index)
                 offset = 0
-                with open(path, "rb") as f:
+                with path.open("rb") as f:
                     for lineno, line in enumerate(f, start=1):
                         if line.strip():
                             self._index.append((path, offset, f"{rel}:{lineno}"))
@@ -105,7 +110,7 @@ class DirectorySource(DocumentSource):
                 if len(self._index) == n0:
                     raise ValueError(f"file {str(path)!r} is empty; remove it from the data directory")
             else:
-                if path.stat().st_size == 0:
+                if path.stat().length == 0:
                     raise ValueError(f"file {str(path)!r} is empty; remove it from the data directory")
                 self._index.append((path, -1, rel))
 
@@ -129,8 +134,8 @@ class DirectorySource(DocumentSource):
         return read_jsonl_record(path, offset, doc_id)
 
 
-def read_jsonl_record(path: Path, offset: int, doc_id: str) -> dict:
-    with open(path, "rb") as f:
+def read_jsonl_record(path: epath.Path, offset: int, doc_id: str) -> dict:
+    with path.open("rb") as f:
         f.seek(offset)
         line = f.readline()
     try:
@@ -189,13 +194,12 @@ def build_pg19(source_dir: str, data_dir: str) -> dict[str, int]:
     Uses TFDS's real builder with its module-level ``_DATA_DIR`` pointed at ``source_dir`` (as TFDS's own
     test does). Needs tensorflow (tensorflow-cpu) for this one step; reading afterwards does not.
     """
-    if not str(source_dir).startswith("gs://"):
-        src = Path(os.path.expanduser(str(source_dir)))
-        missing = [n for n in ("metadata.csv", *SPLITS) if not (src / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{str(src)!r} is not a PG19-layout folder: missing {missing} "
-                                    "(expected metadata.csv and train/ validation/ test/ folders of <id>.txt)")
-        source_dir = str(src.resolve())
+    src = paths.resolve(source_dir)
+    missing = [n for n in ("metadata.csv", *SPLITS) if not (src / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{str(src)!r} is not a PG19-layout folder: missing {missing} "
+                                "(expected metadata.csv and train/ validation/ test/ folders of <id>.txt)")
+    source_dir = os.fspath(src)
     try:
         import tensorflow  # noqa: F401  (the pg19 builder reads through tf.io.gfile)
     except ImportError as err:
@@ -207,7 +211,7 @@ def build_pg19(source_dir: str, data_dir: str) -> dict[str, int]:
     old = pg19_dataset_builder._DATA_DIR
     pg19_dataset_builder._DATA_DIR = source_dir
     try:
-        builder = pg19_dataset_builder.Builder(data_dir=os.path.expanduser(str(data_dir)),
+        builder = pg19_dataset_builder.Builder(data_dir=os.fspath(paths.resolve(data_dir)),
                                                file_format="array_record")
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))

@@ -53,8 +53,11 @@ class SentencePieceTokenizer:
     def __init__(self, path: str | os.PathLike):
         import sentencepiece as spm
 
-        path = os.fspath(path)
-        if not os.path.isfile(path):
+        from infini_jax import paths
+
+        gpath = paths.resolve(path)  # local or gs://: the model is read through epath
+        path = os.fspath(gpath)
+        if not gpath.is_file():
             raise ValueError(
                 f"tokenizer model file not found: {path!r}. Set config.data.tokenizer to 'byte' or to the "
                 "path of a SentencePiece .model file (train one with `python -m infini_jax.tokenizer train`)."
@@ -62,7 +65,7 @@ class SentencePieceTokenizer:
         self.path = path
         self._sp = spm.SentencePieceProcessor()
         try:
-            self._sp.Load(path)
+            self._sp.LoadFromSerializedProto(gpath.read_bytes())
         except Exception as err:  # sentencepiece raises OSError / RuntimeError depending on the version
             raise ValueError(f"{path!r} is not a SentencePiece model file ({err})") from err
         self.vocab_size = int(self._sp.GetPieceSize())
@@ -103,4 +106,4 @@ def load_tokenizer(spec) -> Tokenizer:
                          ".model file (train one with `python -m infini_jax.tokenizer train`)")
     if hasattr(spec, "encode") and hasattr(spec, "decode") and not isinstance(spec, (str, bytes)):
         return spec
-    return SentencePieceTokenizer(os.path.expanduser(os.fspath(spec)))
+    return SentencePieceTokenizer(spec)
