@@ -178,9 +178,17 @@ def check_model_matches(saved_config: Optional[Mapping[str, Any]], model_section
     now = _jsonable(model_section)
     diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k) and k not in RESUME_COMPATIBLE}
+    if "scan_layers" in diff and len(diff) == 1:
+        raise ValueError(_layout_error(where, bool(saved.get("scan_layers"))))
     if diff:
         raise ValueError(f"{where} holds a checkpoint of a different model; differing config.model keys "
                          f"(saved, now): {diff}. Use another --workdir, or restore_params() to fine-tune.")
+
+
+def _layout_error(where, saved_scan_layers) -> str:
+    return (f"{where} holds parameters saved with model.scan_layers={saved_scan_layers} (layers "
+            f"{'stacked on one axis' if saved_scan_layers else 'one subtree each'}); there is no converter between "
+            f"the layouts: set --config.model.scan_layers={saved_scan_layers}")
 
 
 def newest_readable_config(workdir: epath.PathLike) -> Optional[dict]:
@@ -242,6 +250,9 @@ def restore_params(path: epath.PathLike, model_config, mesh=None):
     problems += [f"not in model: {k}" for k in sorted(set(saved) - set(want))]
     problems += [f"shape {k}: checkpoint {saved[k]} vs model {want[k]}"
                  for k in sorted(set(want) & set(saved)) if saved[k] != want[k]]
+    scanned = lambda keys: any(k.startswith("blocks/") and not k.split("/")[1].isdigit() for k in keys)  # noqa: E731
+    if problems and scanned(saved) != scanned(want):
+        raise ValueError(_layout_error(step_dir, scanned(saved)))
     if problems:
         raise ValueError(f"checkpoint {step_dir} does not match the model config "
                          f"({len(problems)} problems):\n  " + "\n  ".join(problems))

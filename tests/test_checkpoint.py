@@ -273,3 +273,16 @@ def test_bad_data_or_init_from_leaves_no_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         T.train_and_evaluate(make_config(), tmp_path / "w2", progress=False, make_iterator=missing)
     assert not (tmp_path / "w2").exists()
+
+
+def test_other_scan_layers_layout_is_one_clear_error(full_run):
+    """Saved with scan_layers=False, asked for True: resuming and init_from both say so and how to fix it."""
+    workdir, _ = full_run
+    msg = r"scan_layers=False .*no converter between the layouts: set --config.model.scan_layers=False"
+    with pytest.raises(ValueError, match=msg):
+        ckpt_lib.restore_params(workdir, ModelConfig(**{**MODEL, "scan_layers": True}))
+    c = make_config()
+    c.model.scan_layers = True
+    never = lambda *a, **k: pytest.fail("must fail before building data or compiling")  # noqa: E731
+    with pytest.raises(ValueError, match=msg):
+        T.train_and_evaluate(c, workdir, progress=False, make_iterator=never)
