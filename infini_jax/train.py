@@ -387,7 +387,7 @@ def train_and_evaluate(config, workdir: epath.PathLike, *, progress: bool = True
     stop = {"flag": False}
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
         prev_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
-    closables: list = []
+    closables: list = [train_iter] if hasattr(train_iter, "close") else []  # a prefetch thread
     try:
         return _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, progress, stop_after,
                      train_iter, functools.partial(make_iterator, **data_kw), closables)

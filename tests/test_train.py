@@ -157,9 +157,10 @@ def test_bf16_compute_f32_params_with_adafactor(single_device):
     assert int(state.step) == 2
 
 
-@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+@pytest.mark.parametrize("name", ["adafactor"])  # AdamW on a mesh: test_sharded_step_matches_single_device
 def test_scan_layers_sharded_step_matches_single_device(name):
-    """Stacked layers ([layers, ...] params, scan over layers): the (2, 2, 2) mesh step equals one device."""
+    """Stacked layers ([layers, ...] params, scan over layers): the (2, 2, 2) mesh step equals one device.
+    Adafactor, whose factored second moments make the optimizer state's shardings the harder case."""
     model = dict(MODEL, num_layers=2, scan_layers=True)
     optim = dict(OPTIM, name=name)
     ref_losses, ref_params, _ = run_steps(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1],

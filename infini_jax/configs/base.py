@@ -39,6 +39,7 @@ def get_config(arg=None):
         data_dir="",  # text: folder (train/validation/test or flat); pg19: TFDS data_dir; booksum: .jsonl or folder
         num_batches=placeholder(int),  # eval: exactly this many batches (pads after the data ends; set for multi-host)
         eval_batches=4,  # passkey eval batches when num_batches is unset (train.py sets it to train.eval_batches)
+        prefetch=2,  # train: batches prepared ahead on a background thread (Grain's); 0: on the training thread
         passkey_digits=5,  # passkey: digits of the pass key
         passkey_min_len=placeholder(int),  # passkey: example lengths drawn from [min_len, seq_len+1]; None: seq_len+1
         passkey_depth_min=0.0,  # passkey: shallowest relative depth of the key line

@@ -37,7 +37,7 @@ __all__ = [
     "PasskeyExample",
     "PasskeyIterator", "PasskeyStream", "SentencePieceTokenizer", "VALID_NAMES", "WindowIterator",
     "booksum_example", "booksum_prompt", "build_pg19", "check_data_config", "example_window", "iter_example_windows",
-    "load_tokenizer", "make_iterator", "make_passkey_example", "passkey_text", "rouge_scores", "text_example",
+    "load_tokenizer", "make_iterator", "prefetched", "make_passkey_example", "passkey_text", "rouge_scores", "text_example",
 ]
 
 
@@ -56,8 +56,26 @@ def check_data_config(data_cfg) -> dict:
 def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, process_index: int = 0,
                   process_count: int = 1, train: bool = True, segment_len: int | None = None):
     """The per-host batch iterator for config.data (see the module docstring for the fields read).
-    segment_len: the model's, for sources that mark segments (passkey memory-mass augmentation)."""
+    segment_len: the model's, for sources that mark segments (passkey memory-mass augmentation).
+    Training iterators run data.prefetch batches ahead on a background thread (see `prefetched`)."""
     d = check_data_config(data_cfg)
+    it = _source_iterator(d, seq_len=seq_len, batch_size=batch_size, split=split, process_index=process_index,
+                          process_count=process_count, train=train, segment_len=segment_len)
+    return prefetched(it, int(d["prefetch"])) if train and int(d["prefetch"]) > 0 else it
+
+
+def prefetched(iterator, buffer_size: int):
+    """`iterator` (next / get_state / set_state) run `buffer_size` batches ahead on a background thread, so
+    tokenising a new book overlaps the device step. Grain's ThreadPrefetchDatasetIterator does it, and its
+    get_state() is the state after the batch last handed out (not the one last prepared), so resumption stays
+    exact. What it wraps is still ours: Grain's batching takes consecutive elements, while meliad-style
+    streaming keeps every row on its own document across steps, which needs the per-row state of
+    WindowIterator (and PasskeyIterator's step-seeded examples)."""
+    return grain.experimental.ThreadPrefetchDatasetIterator(iterator, buffer_size)
+
+
+def _source_iterator(d: dict, *, seq_len: int, batch_size: int, split: str, process_index: int, process_count: int,
+                     train: bool, segment_len: int | None):
     name = d["name"]
     if batch_size % process_count:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
