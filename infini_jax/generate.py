@@ -1,17 +1,16 @@
-"""Streaming decode with bounded memory: greedy or temperature / top-p sampling from a prompt of any length.
+"""Streaming generation with bounded memory: greedy or temperature / top-p sampling from a prompt of any length.
 
-The model only accepts whole segments (model(tokens [B, n × segment_len], state, reset)). Decoding keeps:
-    seg_state   the per-layer state at the start of the current segment (memory of everything before it)
-    cur         the tokens of the current, partial segment (1 ... segment_len of them)
-Each step runs the model on `cur` padded to segment_len from seg_state and reads the logits at the last real
-position: the causal mask makes the padding invisible to it, and the memory only holds whole earlier
-segments, exactly as in a teacher-forced forward over the whole sequence. When `cur` is full, the state that
-the same call returned (the segment was unpadded then) becomes seg_state and `cur` restarts with the new
-token. The prompt's whole segments before the last are consumed `chunk_segments` at a time (state only).
-Memory is O(segment_len × vocab + state) however long the prompt or the output; each new token costs one
-segment forward (segment_len tokens), the price of never caching partial-segment keys.
+    prefill       the prompt's whole segments before the last go through the model's own segment forward,
+                  `chunk_segments` at a time (state only); the last 1 .. segment_len tokens fill the KV cache
+                  of the decode state (infini_jax/decode.py) and give the first token's logits
+    decode_step   one jitted call per token: the token's keys/values join the cache, its logits come out,
+                  and a full segment is written into the memory
+    generate      prefill, then one compiled jax.lax.while_loop for all the new tokens (stops early once
+                  every row has emitted eos)
 
-attention='full' carries no state between calls and cannot be streamed: it is rejected.
+Memory is O(segment_len × (layers × kv heads × head_dim) + chunk + state) however long the prompt or the
+output; each new token costs one token's forward against the cache. attention='full' carries no state
+between calls and cannot be streamed: it is rejected.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infini_jax import decode
 from infini_jax.model import InfiniTransformer
 
 
@@ -33,6 +33,19 @@ def _advance(graphdef, params, state, tokens_bl):
     model = nnx.merge(graphdef, params)
     _, new_state = model(tokens_bl, state)
     return new_state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill_tail(graphdef, params, model_state, tail_bn, n_tail):
+    """Decode state and first logits from the model state at a segment boundary and the last prompt segment."""
+    model = nnx.merge(graphdef, params)
+    state = decode.from_model_state(model, model_state, tail_bn.shape[0])
+    return decode.forward(model, state, tail_bn, n_tail)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _step(graphdef, params, state, token_b):
+    return decode.forward(nnx.merge(graphdef, params), state, token_b[:, None], 1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -56,14 +69,81 @@ def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8))
-def _decode_step(graphdef, params, state, segment_bs, pos, key, step, temperature, top_p):
-    """(next token [B], logits at pos [B, V], state after the whole (possibly padded) segment)."""
+def prefill(model: InfiniTransformer, prompt_ids, *, chunk_segments: int = 16, pad_id: int = 0,
+            progress: bool = False) -> tuple[jax.Array, decode.DecodeState]:
+    """Reads a prompt ([T] or [B, T] ints, T >= 1; rows share T) with bounded memory.
+
+    Returns (float32 logits [B, V] of the token after the prompt, the DecodeState after it)."""
+    cfg = model.cfg
+    decode.check_streamable(cfg)
+    prompt_BT = np.atleast_2d(np.asarray(prompt_ids, np.int32))
+    B, T = prompt_BT.shape
+    if T < 1:
+        raise ValueError("the prompt needs at least one token (e.g. the tokenizer's bos_id)")
+    S = cfg.segment_len
+    graphdef, params = nnx.split(model)
+    state = model.init_state(B)
+    n_full = (T - 1) // S  # whole segments through the model; 1..S prompt tokens go to the KV cache
+    k = max(1, int(chunk_segments))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=T, desc="prefill", unit="tok", unit_scale=True)
+    s = 0
+    while s < n_full:
+        take = k if n_full - s >= k else 1  # two compiled shapes only
+        state = _advance(graphdef, params, state, jnp.asarray(prompt_BT[:, s * S:(s + take) * S]))
+        s += take
+        if bar is not None:
+            bar.update(take * S)
+    tail_BS = np.full((B, S), pad_id, np.int32)
+    n_tail = T - n_full * S
+    tail_BS[:, :n_tail] = prompt_BT[:, n_full * S:]
+    logits_BV, dstate = _prefill_tail(graphdef, params, state, jnp.asarray(tail_BS), jnp.int32(n_tail))
+    if bar is not None:
+        bar.update(n_tail)
+        bar.close()
+    return logits_BV, dstate
+
+
+def decode_step(model: InfiniTransformer, state: decode.DecodeState, token_ids) -> tuple[jax.Array, decode.DecodeState]:
+    """One jitted step: token_ids [B] join the decode state; returns (float32 logits [B, V] of the next token,
+    the new state)."""
+    graphdef, params = nnx.split(model)
+    return _step(graphdef, params, state, jnp.asarray(token_ids, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
+def _decode_loop(graphdef, params, state, logits_bv, key, n, temperature, top_p, eos_id, return_logits):
+    """n tokens in one jax.lax.while_loop: token i is sampled from logits_i with fold_in(key, i), then fed.
+    Returns (tokens [B, n], how many were emitted, logits [B, n, V] or None)."""
     model = nnx.merge(graphdef, params)
-    logits_bsv, new_state = model(segment_bs, state)
-    logits_bv = jax.lax.dynamic_index_in_dim(logits_bsv, pos, axis=1, keepdims=False)
-    token_b = sample_logits(logits_bv, jax.random.fold_in(key, step), temperature, top_p)
-    return token_b, logits_bv, new_state
+    b, v = logits_bv.shape
+
+    def pick(i, logits_bv, done_b, out_bn, lg_bnv):
+        token_b = sample_logits(logits_bv, jax.random.fold_in(key, i), temperature, top_p)
+        if eos_id is not None:  # a row that emitted eos keeps emitting it
+            token_b = jnp.where(done_b, eos_id, token_b)
+            done_b = done_b | (token_b == eos_id)
+        out_bn = jax.lax.dynamic_update_index_in_dim(out_bn, token_b, i, axis=1)
+        if return_logits:
+            lg_bnv = jax.lax.dynamic_update_index_in_dim(lg_bnv, logits_bv, i, axis=1)
+        return token_b, done_b, out_bn, lg_bnv
+
+    lg_bnv = jnp.zeros((b, n, v), jnp.float32) if return_logits else None
+    first = pick(0, logits_bv, jnp.zeros((b,), bool), jnp.zeros((b, n), jnp.int32), lg_bnv)
+
+    def cond(carry):
+        i, _, _, done_b, _, _ = carry
+        return (i < n) & ~jnp.all(done_b)
+
+    def body(carry):
+        i, state, token_b, done_b, out_bn, lg_bnv = carry
+        logits_bv, state = decode.forward(model, state, token_b[:, None], 1)
+        return (i + 1, state) + pick(i, logits_bv, done_b, out_bn, lg_bnv)
+
+    i, _, _, _, out_bn, lg_bnv = jax.lax.while_loop(cond, body, (jnp.int32(1), state) + first)
+    return out_bn, i, lg_bnv
 
 
 def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
@@ -73,70 +153,27 @@ def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, *, tempe
 
     Returns int32 [B, max_new_tokens] (or [max_new_tokens] for a 1-D prompt); with return_logits also the
     float32 logits [B, n, V] each token was chosen from. After a row emits eos_id it keeps emitting eos_id;
-    decoding stops early once every row has. Same seed and settings → same tokens.
+    decoding stops early once every row has. Same seed and settings → same tokens. `progress`: a bar over the
+    prompt's prefill (the new tokens come from one compiled loop).
     """
-    cfg = model.cfg
-    if cfg.attention == "full":
-        raise ValueError("attention='full' keeps no state between calls, so it cannot decode with bounded memory; "
-                         "use an infini, xl or local model")
-    prompt_BT = np.asarray(prompt_ids, np.int32)
-    squeeze = prompt_BT.ndim == 1
-    prompt_BT = np.atleast_2d(prompt_BT)
-    B, T = prompt_BT.shape
-    if T < 1:
-        raise ValueError("the prompt needs at least one token (e.g. the tokenizer's bos_id)")
+    decode.check_streamable(model.cfg)
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    S = cfg.segment_len
-    graphdef, params = nnx.split(model)
-    state = model.init_state(B)
-
-    n_full = (T - 1) // S  # whole segments consumed before decoding; 1..S prompt tokens stay in `cur`
-    k = max(1, int(chunk_segments))
-    s = 0
-    while s < n_full:
-        take = k if n_full - s >= k else 1
-        state = _advance(graphdef, params, state, jnp.asarray(prompt_BT[:, s * S:(s + take) * S]))
-        s += take
-    cur_BS = np.full((B, S), pad_id, np.int32)
-    n_cur = T - n_full * S
-    cur_BS[:, :n_cur] = prompt_BT[:, n_full * S:]
-
-    key = jax.random.PRNGKey(seed)
-    out_BN = np.full((B, max_new_tokens), eos_id if eos_id is not None else pad_id, np.int32)
-    logits_out = []
-    done_B = np.zeros(B, bool)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok")
-    for i in range(max_new_tokens):
-        token_B, logits_BV, seg_end_state = _decode_step(graphdef, params, state, jnp.asarray(cur_BS),
-                                                         jnp.int32(n_cur - 1), key, jnp.int32(i),
-                                                         float(temperature), float(top_p))
-        token_B = np.asarray(token_B)
-        if eos_id is not None:
-            token_B = np.where(done_B, eos_id, token_B)
-            done_B |= token_B == eos_id
-        out_BN[:, i] = token_B
-        if return_logits:
-            logits_out.append(np.asarray(logits_BV))
-        if n_cur == S:  # the segment was whole: its end state is the next segment's start state
-            state = seg_end_state
-            cur_BS = np.full((B, S), pad_id, np.int32)
-            n_cur = 0
-        cur_BS[:, n_cur] = token_B
-        n_cur += 1
-        if bar is not None:
-            bar.update(1)
-        if eos_id is not None and done_B.all():
-            out_BN = out_BN[:, :i + 1]
-            break
-    if bar is not None:
-        bar.close()
-    out = out_BN[0] if squeeze else out_BN
+    squeeze = np.ndim(prompt_ids) == 1
+    logits_BV, state = prefill(model, prompt_ids, chunk_segments=chunk_segments, pad_id=pad_id, progress=progress)
+    B, V = logits_BV.shape
+    n = int(max_new_tokens)
+    if n <= 0:
+        out, logits = np.zeros((B, 0), np.int32), np.zeros((B, 0, V), np.float32)
+    else:
+        graphdef, params = nnx.split(model)
+        out, count, logits = _decode_loop(graphdef, params, state, logits_BV, jax.random.PRNGKey(seed), n,
+                                          float(temperature), float(top_p), eos_id, bool(return_logits))
+        count = int(count)
+        out = np.asarray(out)[:, :count]
+        logits = np.asarray(logits)[:, :count] if return_logits else None
+    out = out[0] if squeeze else out
     if return_logits:
-        logits = np.stack(logits_out, axis=1) if logits_out else np.zeros((B, 0, cfg.vocab_size), np.float32)
         return out, (logits[0] if squeeze else logits)
     return out
 

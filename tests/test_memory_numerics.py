@@ -73,6 +73,30 @@ def test_retrieve_and_update_alone_are_highest():
         assert dots and all(p == (jax.lax.Precision.HIGHEST,) * 2 for p, _ in dots)
 
 
+@pytest.mark.parametrize("rule", A.RULES)
+@pytest.mark.parametrize("t", [1, 6])
+def test_decode_memory_dots_are_highest(rule, t):
+    """The streaming decoder (infini_jax/decode.py) reads and writes the memory at HIGHEST too: a decode step
+    (t = 1) and a prompt's last segment (t = N), both with the segment-full write traced. Memory products are
+    the dots with an operand or result shaped like M [B, G, K, V] or z [B, G, K] (sizes chosen unique)."""
+    from flax import nnx
+
+    from infini_jax import decode
+    from infini_jax.model import InfiniTransformer, ModelConfig
+
+    cfg = ModelConfig(vocab_size=37, d_model=24, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=40,
+                      segment_len=6, rule=rule)
+    model = InfiniTransformer(cfg, rngs=nnx.Rngs(0))
+    state = decode.from_model_state(model, model.init_state(2), 2)
+
+    def f(state, tokens):
+        return decode.forward(model, state, tokens, t)
+
+    dots = list(_dots(jax.make_jaxpr(f)(state, jnp.zeros((2, t), jnp.int32)).jaxpr))
+    memory = [(p, s) for p, s in dots if {(2, 2, 8, 8), (2, 2, 8)} & set(s)]
+    assert len(memory) == (3 if rule == "linear" else 5), dots  # read (2) + write (1) [+ delta read (2)]
+    assert all(p == (jax.lax.Precision.HIGHEST,) * 2 for p, _ in memory), memory
+
 def test_sigma_is_exact_for_very_negative_inputs():
     x = np.array([-80.0, -30.0, -17.5, -16.0, -1.0, 0.0, 0.5, 3.0], np.float32)
     got = np.asarray(A.sigma(jnp.asarray(x)), np.float64)
