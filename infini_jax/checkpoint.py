@@ -223,13 +223,9 @@ def _path_key(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def restore_params(path: epath.PathLike, model_config, mesh=None):
-    """Parameters only, as a pure dict matching nnx.to_pure_dict(nnx.state(model, nnx.Param)), placed with the
-    model's param shardings on `mesh` (default: replicated on the first device). `path`: a workdir, its
-    checkpoints dir or one step dir. Missing/extra paths or shape mismatches → ValueError naming them.
-
-    Use: nnx.update(model, nnx.State(params)) or nnx.merge(graphdef, params).
-    """
+def param_targets(model_config, mesh=None) -> tuple[Any, dict, dict]:
+    """(ModelConfig, parameter shapes, parameter shardings) of a model config: where restored parameters go.
+    The trees are pure dicts like nnx.to_pure_dict(nnx.state(model, nnx.Param)); mesh None: the first device."""
     from infini_jax import sharding as shd
     from infini_jax.model import InfiniTransformer, ModelConfig
 
@@ -241,6 +237,17 @@ def restore_params(path: epath.PathLike, model_config, mesh=None):
     else:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, shapes)
+    return cfg, shapes, shardings
+
+
+def restore_params(path: epath.PathLike, model_config, mesh=None):
+    """Parameters only, as a pure dict matching nnx.to_pure_dict(nnx.state(model, nnx.Param)), placed with the
+    model's param shardings on `mesh` (default: replicated on the first device). `path`: a workdir, its
+    checkpoints dir or one step dir. Missing/extra paths or shape mismatches → ValueError naming them.
+
+    Use: nnx.update(model, nnx.State(params)) or nnx.merge(graphdef, params).
+    """
+    _, shapes, shardings = param_targets(model_config, mesh)
     step_dir = find_step_dir(path)
     with ocp.StandardCheckpointer() as ckptr:
         saved_tree = ckptr.metadata(step_dir / "params").item_metadata.tree

@@ -56,6 +56,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # output projection = input embedding transposed
     embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
     rope_base: Optional[float] = 10000.0  # RoPE base on the local attention; None: no RoPE
+    rope_scaling: tuple = ()  # Llama 3.1/3.2 RoPE scaling (factor, low_freq, high_freq, original_len); (): none
     gate_init: float = 0.0  # initial gate logit β: sigmoid(0) = 0.5 memory / 0.5 local
     norm_eps: float = 1e-6  # RMSNorm epsilon
     dtype: str = "float32"  # activation / compute dtype: 'float32' or 'bfloat16'
@@ -72,6 +73,11 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
+
+    @property
+    def rope(self):
+        """RoPE as attention.apply_rope takes it: rope_base, or rope_base and rope_scaling in one tuple."""
+        return (self.rope_base, *self.rope_scaling) if self.rope_scaling else self.rope_base
 
     def __post_init__(self):
         checks = [
@@ -90,6 +96,10 @@ class ModelConfig:
                        f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.kv_heads}"))
         checks.append((self.rope_base is None or self.head_dim % 2 == 0,
                        f"RoPE needs an even head_dim, got {self.head_dim}"))
+        object.__setattr__(self, "rope_scaling", tuple(float(x) for x in self.rope_scaling))  # JSON gives a list
+        checks.append((not self.rope_scaling or (len(self.rope_scaling) == 4 and self.rope_base is not None),
+                       f"model.rope_scaling {self.rope_scaling} must be () or (factor, low_freq_factor, "
+                       "high_freq_factor, original_max_positions) with a rope_base"))
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -145,7 +155,7 @@ class Attention(nnx.Module):
             state = attn.reset_memory(state, reset_b)
             out_blhk, state = attn.infini_attention_sequence(
                 q_blhk, k_blgk, v_blgk, self.gate_logit[...], segment_len=cfg.segment_len,
-                rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope_base, write_scale_bs=write_scale_bs,
+                rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope, write_scale_bs=write_scale_bs,
                 remat=cfg.remat_segments)
         elif cfg.attention == "xl":  # the cached half's K/V: current weights on stop-gradient previous inputs
             state = attn.reset_xl_cache(state, reset_b)
@@ -153,13 +163,13 @@ class Attention(nnx.Module):
             kp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wk_dgk)  # [B,L,D] x [D,G,K]
             vp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wv_dgk)
             out_blhk = attn.xl_attention_sequence(q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, state.valid,
-                                                  segment_len=cfg.segment_len, rope_base=cfg.rope_base)
+                                                  segment_len=cfg.segment_len, rope_base=cfg.rope)
             state = attn.XLCache(x=x[:, -cfg.segment_len:].astype(state.x.dtype), valid=jnp.ones_like(state.valid))
         elif cfg.attention == "local":
             out_blhk = attn.local_attention_sequence(
-                q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, rope_base=cfg.rope_base)
+                q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, rope_base=cfg.rope)
         else:
-            out_blhk = attn.full_attention(q_blhk, k_blgk, v_blgk, rope_base=cfg.rope_base)
+            out_blhk = attn.full_attention(q_blhk, k_blgk, v_blgk, rope_base=cfg.rope)
         y_bld = jnp.einsum("blhk,hkd->bld", out_blhk.astype(dt), self.wo_hkd[...].astype(dt))  # [B,L,H,K] x [H,K,D]
         return y_bld, state
 

@@ -37,6 +37,7 @@ from etils import epath
 from flax import nnx
 
 from infini_jax import checkpoint as ckpt_lib
+from infini_jax import convert
 from infini_jax import paths
 from infini_jax.config import defaults, with_defaults
 from infini_jax import optim as optim_lib
@@ -363,6 +364,9 @@ def train_and_evaluate(config, workdir: epath.PathLike, *, progress: bool = True
 
     Every check that can fail on the config, the data or init_from runs before the workdir is created.
     """
+    from infini_jax.data.tokenizers import with_default_tokenizer
+
+    config = with_default_tokenizer(config)  # init_from=hf:DIR with no data.tokenizer: DIR's own
     model_cfg, train, optim = validate_config(config)
     if make_iterator is None:  # the real pipeline: its tokenizer must fit the embedding table
         from infini_jax.data import make_iterator
@@ -380,7 +384,7 @@ def train_and_evaluate(config, workdir: epath.PathLike, *, progress: bool = True
                    segment_len=model_cfg.segment_len)
     train_iter = make_iterator(config.data, split="train", train=True, **data_kw)  # a missing data_dir fails here
     if train["init_from"]:
-        ckpt_lib.find_step_dir(train["init_from"])  # fails here if there is no checkpoint
+        check_init_from(train["init_from"], model_cfg)  # fails here if it cannot start this model
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=train["keep_checkpoints"], async_save=train["async_checkpoints"])
     prev_handler = None
@@ -397,6 +401,25 @@ def train_and_evaluate(config, workdir: epath.PathLike, *, progress: bool = True
         ckpt.close()
         if prev_handler is not None:
             signal.signal(signal.SIGTERM, prev_handler)
+
+
+def check_init_from(spec: str, model_cfg: ModelConfig) -> None:
+    """train.init_from: an infini-jax checkpoint must exist; hf:DIR must hold this model (config.json, every
+    tensor's name and shape; nothing is read yet)."""
+    directory = convert.hf_dir(spec)
+    if directory is None:
+        ckpt_lib.find_step_dir(spec)
+    else:
+        convert.check_hf_checkpoint(directory, model_cfg)
+
+
+def init_params(spec: str, model_cfg: ModelConfig, mesh):
+    """Params-only start from train.init_from, on `mesh`: an infini-jax workdir / checkpoints dir / step dir, or
+    hf:DIR, a Hugging Face Llama or Gemma directory (infini_jax.convert)."""
+    directory = convert.hf_dir(spec)
+    if directory is None:
+        return ckpt_lib.restore_params(spec, model_cfg, mesh)
+    return convert.load_hf_params(directory, model_cfg, mesh)
 
 
 # optim/train keys that shape the learning-rate schedule: changing one on resume bends the schedule mid-run
@@ -442,7 +465,7 @@ def _loop(config, workdir, model_cfg, train, optim, mesh, ckpt, stop, progress, 
             train_iter.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
     elif train["init_from"]:  # params only; fresh optimizer state, step 0, data from the start
-        params = ckpt_lib.restore_params(train["init_from"], model_cfg, mesh)
+        params = init_params(train["init_from"], model_cfg, mesh)
         state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_sh.step), params=params,
                            opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
                            rng=jax.device_put(jax.random.PRNGKey(int(train["seed"]) + 1), state_sh.rng))

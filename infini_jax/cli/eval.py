@@ -71,11 +71,12 @@ def _main() -> int:
     from infini_jax import paths, plots
     from infini_jax.config import model_config
     from infini_jax.data.passkey import Haystack, PasskeyStream
-    from infini_jax.data.tokenizers import load_tokenizer
+    from infini_jax.data.tokenizers import load_tokenizer, with_default_tokenizer
 
     config = FLAGS.config
     if config is None:
         raise ValueError("--config is required, e.g. --config tiny")
+    config = with_default_tokenizer(config)  # init_from=hf:DIR with no data.tokenizer: DIR's own
     cfg = model_config(config)
     default_tasks = [t for t in ev.TASKS if t != "summarize" or config.data.name == "booksum"]
     tasks = FLAGS.tasks or default_tasks

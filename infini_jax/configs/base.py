@@ -34,7 +34,7 @@ def get_config(arg=None):
     config.model = _model_section()
     config.data = dict(
         name="passkey",  # source: 'passkey' (generated), 'text' (a folder), 'pg19' (TFDS build), 'booksum' (JSONL)
-        tokenizer="byte",  # 'byte' or a SentencePiece .model path (`python -m infini_jax.tokenizer train ...`)
+        tokenizer="byte",  # 'byte', a SentencePiece .model, or a Hugging Face tokenizer dir / tokenizer.json
         seed=0,  # document shuffling / passkey sampling (eval uses seed + 1_000_003)
         data_dir="",  # text: folder (train/validation/test or flat); pg19: TFDS data_dir; booksum: .jsonl or folder
         num_batches=placeholder(int),  # eval: exactly this many batches (pads after the data ends; set for multi-host)
@@ -67,7 +67,7 @@ def get_config(arg=None):
         ckpt_every=0,  # steps between checkpoints; 0: only at the end (and on SIGTERM)
         keep_checkpoints=2,  # checkpoints kept in <workdir>/checkpoints
         async_checkpoints=True,  # save in a background thread while training goes on
-        init_from="",  # fine-tuning: a workdir / checkpoints dir / step dir whose params start a fresh run
+        init_from="",  # params that start a fresh run: a workdir / checkpoints dir / step dir, or hf:DIR (Llama, Gemma)
         allow_schedule_change=False,  # resume although steps/optim keys that shape the LR schedule changed
     )
     config.optim = dict(

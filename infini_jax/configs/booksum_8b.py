@@ -10,10 +10,14 @@ Stages (arg `stage`):
   finetune  BookSum with 32K inputs (16 segments), batch 64, 1000 steps, lr 2e-5 (steps and lr are not in
             the paper); documents are cut to leave one segment for the summary. Evaluated at 500K inputs.
 Other args: rule=linear|delta, attention=infini|xl|local|full, mode=scan|parallel.
-Llama-3's tokenizer is tiktoken BPE: data.tokenizer needs a loader for it (see passkey_1b.py).
+Start pretraining from the published weights with --config.train.init_from=hf:DIR (meta-llama/Meta-Llama-3-8B;
+infini_jax.convert). data.tokenizer is empty by default: the tokenizer of train.init_from is used (hf:DIR: DIR's
+tokenizer.json; an infini-jax checkpoint: the tokenizer it was trained with).
 
+    infini-train --config booksum_8b:stage=pretrain --config.data.data_dir=books/ \
+        --config.train.init_from=hf:Meta-Llama-3-8B --workdir runs/pre8b
     infini-train --config booksum_8b:stage=finetune,rule=delta --config.data.data_dir=booksum/ \
-        --workdir ...   (fine-tuning starts from the pretrain parameters: checkpoint.restore_params)
+        --config.train.init_from=runs/pre8b --workdir runs/ft8b
 """
 
 from infini_jax.config import parse_arg

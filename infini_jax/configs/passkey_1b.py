@@ -5,30 +5,31 @@ inputs (segment 2K) for 30K steps at batch 64 and lr 1e-4, then fine-tunes 400 s
 inputs. Which 1B model is not said. Two open shapes are offered (arg `arch`):
 
   arch=llama (default)  Llama-3.2-1B: 16 layers, d_model 2048, 32 heads × 64, 8 KV heads (GQA), gated SiLU
-                        FFN 8192, vocab 128,256, tied embeddings, RoPE base 500,000.
-                        1,235,814,400 parameters (+512 gate scalars): the published 1.24B. Chosen as the
-                        default because it IS ~1B and its weights are public (a Hugging Face importer is
-                        planned; until then train.init_from takes an infini-jax checkpoint).
-                        Llama-3's tokenizer is tiktoken BPE, not SentencePiece: data.tokenizer must point at a
-                        loader for it (infini_jax.data reads 'byte' or SentencePiece; a tiktoken loader comes with
-                        the Hugging Face import).
+                        FFN 8192, vocab 128,256, tied embeddings, RoPE base 500,000 with Llama 3's frequency
+                        scaling (factor 32, original length 8192). 1,235,814,400 parameters (+512 gate scalars):
+                        the published 1.24B. Chosen as the default because it IS ~1B and its weights are public:
+                        --config.train.init_from=hf:DIR starts from them (infini_jax.convert).
   arch=gemma            Gemma-2B: 18 layers, d_model 2048, 8 heads × 256, multi-query (1 KV head), gated GeLU
                         FFN 16,384, vocab 256,000, tied, embeddings × sqrt(d_model). 2,506,172,416 parameters:
                         "Gemma-2B" is 2.5B with its 256K vocabulary (0.52B of it embeddings), so it is NOT the
-                        paper's 1B; offered because its tokenizer is SentencePiece.
+                        paper's 1B. --config.train.init_from=hf:DIR starts from google/gemma-2b.
 
 Stages (arg `stage`):
   pretrain  inputs 4096 = 2 segments of 2048, 30K steps, batch 64, AdamW lr 1e-4; data.name 'text': a folder of
-            documents longer than 4K tokens (PG19, Arxiv-math, C4 in the paper). Start from the imported
-            weights with --config.train.init_from=<checkpoint> (params only, fresh optimizer).
+            documents longer than 4K tokens (PG19, Arxiv-math, C4 in the paper). Start from the published
+            weights with --config.train.init_from=hf:DIR (params only, fresh optimizer, gates from gate_init).
   finetune  passkey inputs of 3 segments = 6144 tokens (the paper's "5K" is 2.5 segments of 2048; inputs must
             be whole segments, so examples are drawn 5120..6145 tokens long and right-padded with loss_mask 0
             to 6144), 400 steps, batch 64, lr 1e-4, loss on the answer tokens only; starts from the
             pretrain checkpoint's parameters (--config.train.init_from=<pretrain workdir>).
 Other args: rule=linear|delta, attention=infini|xl|local|full, mode=scan|parallel.
+data.tokenizer is empty by default: the tokenizer of train.init_from is used (hf:DIR: DIR's tokenizer.json; an
+infini-jax checkpoint: the tokenizer it was trained with). The README's "Llama-3.2-1B → Infini-Transformer →
+passkey fine-tune" is the whole recipe.
 
     infini-train --config passkey_1b:stage=pretrain,rule=delta --config.data.data_dir=... \
-        --config.data.tokenizer=... --workdir ...
+        --config.train.init_from=hf:Llama-3.2-1B --workdir runs/pre
+    infini-train --config passkey_1b:stage=finetune --config.train.init_from=runs/pre --workdir runs/ft
 """
 
 from infini_jax.config import parse_arg
@@ -41,7 +42,7 @@ ARGS = dict(stage=("pretrain", "finetune"), arch=("llama", "gemma"), rule=("line
 ARCHS = dict(
     llama=dict(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
                d_ff=8192, activation="silu", tie_embeddings=True, embed_scale=False, rope_base=500000.0,
-               norm_eps=1e-5),
+               rope_scaling=(32.0, 1.0, 4.0, 8192.0), norm_eps=1e-5),
     gemma=dict(vocab_size=256000, d_model=2048, num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256,
                d_ff=16384, activation="gelu", tie_embeddings=True, embed_scale=True, rope_base=10000.0,
                norm_eps=1e-6),

@@ -1,4 +1,5 @@
-"""Tokenizers: a byte-level tokenizer and a SentencePiece wrapper with one interface.
+"""Tokenizers: a byte-level tokenizer, a SentencePiece wrapper and a Hugging Face tokenizer.json wrapper with
+one interface.
 
 Interface (CONTRACT.md): vocab_size, pad_id, bos_id, eos_id, encode(str) -> list[int], decode(list[int]) -> str.
 Extras used by the data pipelines: encode_np(str) -> int32 array (fast path for whole books) and
@@ -9,6 +10,7 @@ independently encoded pieces of text so that they decode to the pieces joined by
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -90,11 +92,111 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+class HFTokenizer:
+    """A Hugging Face tokenizer: a directory holding tokenizer.json, or the tokenizer.json file itself. Read with
+    the `tokenizers` library, the one behind transformers' fast tokenizers, so the ids are Hugging Face's
+    (Llama 3's byte-level BPE, Gemma's byte-fallback BPE, ...). encode() adds no bos/eos (the pipelines add
+    them); special-token text inside a document is parsed as Hugging Face does.
+
+    bos/eos/pad: the tokens named in tokenizer_config.json (or special_tokens_map.json) beside tokenizer.json;
+    with no pad token (Llama 3) pad_id = eos_id (padding carries loss_mask 0). `token_bytes()` gives the exact
+    UTF-8 bytes of every token for bits per byte: byte-level tokens map one character to one byte,
+    byte-fallback '<0x..>' tokens are one byte, '▁' is a space, special tokens are 0.
+    """
+
+    def __init__(self, path):
+        from infini_jax import paths
+
+        gpath = paths.resolve(path)
+        file = gpath / "tokenizer.json" if gpath.is_dir() else gpath
+        if not file.is_file():
+            raise ValueError(f"no Hugging Face tokenizer at {os.fspath(gpath)!r}: point config.data.tokenizer at a "
+                             "directory holding tokenizer.json, or at the tokenizer.json file")
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as err:
+            raise ValueError("reading tokenizer.json needs the `tokenizers` package: pip install "
+                             "'infini-jax[hf]'") from err
+        self.path = os.fspath(file)
+        self._spec = json.loads(file.read_text())
+        self._tok = Tokenizer.from_str(json.dumps(self._spec))
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        named = _special_tokens(file.parent)
+        ids = {k: self._tok.token_to_id(v) for k, v in named.items() if v is not None}
+        if ids.get("bos") is None or ids.get("eos") is None:
+            raise ValueError(f"{self.path}: no bos_token/eos_token in {file.parent / 'tokenizer_config.json'} "
+                             "that tokenizer.json knows; save the tokenizer with save_pretrained (it writes both)")
+        self.bos_id, self.eos_id = int(ids["bos"]), int(ids["eos"])
+        self.pad_id = int(ids["pad"]) if ids.get("pad") is not None else self.eos_id
+        self._bytes_V = self._byte_table()
+        self.space_prefix = int(self._bytes_V[self.encode_np("a")].sum()) > 1  # it writes a leading '▁' / 'Ġ'
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_np(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) != self.pad_id]
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        return self._bytes_V
+
+    def _byte_table(self) -> np.ndarray:
+        byte_level = "ByteLevel" in _types(self._spec.get("decoder"))
+        added = {t["id"]: t for t in self._spec.get("added_tokens", [])}
+        table_V = np.zeros(self.vocab_size, np.int32)
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if piece is None or added.get(i, {}).get("special"):
+                continue
+            if i in added:  # a non-special added token stands for its own text
+                table_V[i] = len(piece.encode("utf-8"))
+            elif byte_level:  # GPT-2 / Llama 3: every character of a piece is one byte
+                table_V[i] = len(piece)
+            elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+                table_V[i] = 1
+            else:
+                table_V[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        unk = self._spec.get("model", {}).get("unk_token")
+        if unk is not None and self._tok.token_to_id(unk) is not None:
+            table_V[self._tok.token_to_id(unk)] = 0
+        return table_V
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def _types(node) -> list[str]:
+    """The component types of a tokenizer.json pipeline entry (a Sequence lists its parts)."""
+    if not isinstance(node, dict):
+        return []
+    parts = node.get("decoders") or node.get("pretokenizers") or []
+    return [node.get("type", "")] + [t for p in parts for t in _types(p)]
+
+
+def _special_tokens(directory) -> dict:
+    """{"bos", "eos", "pad"} token strings from tokenizer_config.json, else special_tokens_map.json."""
+    out = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = directory / name
+        cfg = json.loads(f.read_text()) if f.is_file() else {}
+        for key in ("bos", "eos", "pad"):
+            value = cfg.get(f"{key}_token")
+            value = value.get("content") if isinstance(value, dict) else value
+            if out.get(key) is None:
+                out[key] = value
+    return out
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
 
 
 def load_tokenizer(spec) -> Tokenizer:
-    """'byte' (or None) -> ByteTokenizer; a path to a SentencePiece .model -> SentencePieceTokenizer.
+    """'byte' (or None) -> ByteTokenizer; a directory holding tokenizer.json, or a .json file -> HFTokenizer;
+    a path to a SentencePiece .model -> SentencePieceTokenizer.
 
     An empty string is an error (configs use "" as "must be set"), so a forgotten tokenizer never silently
     becomes bytes. An object that already looks like a tokenizer (has encode/decode) is returned unchanged.
@@ -102,8 +204,41 @@ def load_tokenizer(spec) -> Tokenizer:
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("byte", "bytes")):
         return ByteTokenizer()
     if isinstance(spec, str) and not spec.strip():
-        raise ValueError("config.data.tokenizer is empty: set it to 'byte' or to the path of a SentencePiece "
-                         ".model file (train one with `python -m infini_jax.tokenizer train`)")
+        raise ValueError("config.data.tokenizer is empty: set it to 'byte', a SentencePiece .model file (train one "
+                         "with `python -m infini_jax.tokenizer train`) or a Hugging Face tokenizer directory / "
+                         "tokenizer.json (or start from --config.train.init_from=hf:DIR, whose tokenizer is used)")
     if hasattr(spec, "encode") and hasattr(spec, "decode") and not isinstance(spec, (str, bytes)):
         return spec
+    from infini_jax import paths
+
+    if str(spec).endswith(".json") or paths.resolve(spec).is_dir():
+        return HFTokenizer(spec)
     return SentencePieceTokenizer(spec)
+
+
+def with_default_tokenizer(config):
+    """`config` with an empty data.tokenizer filled in from train.init_from: hf:DIR → DIR (the model's own
+    tokenizer), an infini-jax checkpoint → the data.tokenizer it was trained with. That is the default of the
+    passkey_1b and booksum_8b configs. Otherwise (or when init_from does not resolve) `config` itself."""
+    from infini_jax.convert import hf_dir
+
+    spec = config.get("train", {}).get("init_from")
+    if not spec or str(config.data.get("tokenizer", "byte")).strip():
+        return config
+    tokenizer = hf_dir(spec) or _trained_tokenizer(spec)
+    if not tokenizer:
+        return config
+    config = config.copy_and_resolve_references()
+    config.data.tokenizer = tokenizer
+    return config
+
+
+def _trained_tokenizer(checkpoint) -> str:
+    """data.tokenizer saved with an infini-jax checkpoint (workdir, checkpoints dir or step dir), or ''."""
+    from infini_jax.checkpoint import find_step_dir
+
+    try:
+        saved = json.loads((find_step_dir(checkpoint) / "config" / "metadata").read_text())
+    except (OSError, ValueError):  # no checkpoint there: train.py's init_from check says so
+        return ""
+    return str((saved.get("data") or {}).get("tokenizer") or "")
