@@ -151,14 +151,14 @@ def _layer_step(cfg: ModelConfig, pos, n_new, block, x_btd, cache: LayerCache):
     if t == 1:
         k_bngk = jax.lax.dynamic_update_slice_in_dim(cache.k, k_btgk, pos, axis=1)
         v_bngk = jax.lax.dynamic_update_slice_in_dim(cache.v, v_btgk, pos, axis=1)
-        a_bthv = cache_attention(q_bthk, k_bngk, v_bngk, pos, rope_base=cfg.rope_base, prev=prev)
+        a_bthv = cache_attention(q_bthk, k_bngk, v_bngk, pos, rope_base=cfg.rope, prev=prev)
     else:  # a segment from its start: the model's own one-segment attention (query-blocked when long)
         k_bngk, v_bngk = k_btgk, v_btgk
         if prev is None:
-            a_bthv = attn.local_attention(q_bthk, k_bngk, v_bngk, rope_base=cfg.rope_base)
+            a_bthv = attn.local_attention(q_bthk, k_bngk, v_bngk, rope_base=cfg.rope)
         else:
             a_bthv = attn.xl_attention_sequence(q_bthk, k_bngk, v_bngk, prev.k, prev.v, prev.valid,
-                                               segment_len=t, rope_base=cfg.rope_base)
+                                               segment_len=t, rope_base=cfg.rope)
     if cfg.attention == "infini":  # eq. 7 on the memory of earlier segments, eq. 10
         memory = cache.memory
         a_bthv = attn._gate(attn.retrieve(memory, q_bthk), a_bthv, block.attn.gate_logit[...], attn.is_empty(memory))

@@ -12,10 +12,11 @@ from infini_jax.model import InfiniTransformer, ModelConfig
 SEG = 8
 
 
-def tiny(attention="infini", seed=0, rule="linear", kv_heads=None, heads=2, scan_layers=False) -> InfiniTransformer:
+def tiny(attention="infini", seed=0, rule="linear", kv_heads=None, heads=2, scan_layers=False,
+         rope_scaling=()) -> InfiniTransformer:
     cfg = ModelConfig(vocab_size=259, d_model=32, num_layers=2, num_heads=heads, num_kv_heads=kv_heads, head_dim=16,
                       d_ff=64, segment_len=SEG, n_segments=2, attention=attention, rule=rule, remat=False,
-                      scan_layers=scan_layers)
+                      scan_layers=scan_layers, rope_scaling=rope_scaling)
     model = InfiniTransformer(cfg, rngs=nnx.Rngs(seed))
     if attention == "infini":  # gates away from 0.5, different per head and layer
         gates_lh = jnp.linspace(-1.0, 2.0, heads)[None] + jnp.arange(cfg.num_layers)[:, None]
@@ -38,7 +39,7 @@ def _teacher_forced_logits(model, ids_BT):
 CASES = {  # prompts ending mid-segment, on a boundary, one token; GQA; stacked layers; output crosses 3+ boundaries
     "infini-mid": (dict(), 29), "infini-boundary": (dict(), 5 * SEG), "infini-one": (dict(), 1),
     "delta-mid": (dict(rule="delta"), 21), "delta-boundary": (dict(rule="delta"), 2 * SEG),
-    "delta-gqa": (dict(rule="delta", heads=4, kv_heads=2), 13), "infini-mqa": (dict(heads=4, kv_heads=1), 3 * SEG),
+    "delta-gqa-llama3-rope": (dict(rule="delta", heads=4, kv_heads=2, rope_scaling=(32.0, 1.0, 4.0, 64)), 13), "infini-mqa": (dict(heads=4, kv_heads=1), 3 * SEG),
     "infini-scan-layers": (dict(rule="delta", scan_layers=True), 11),
     "xl-mid": (dict(attention="xl"), 27), "xl-boundary": (dict(attention="xl"), 2 * SEG),
     "xl-gqa": (dict(attention="xl", heads=4, kv_heads=2), 9), "local-mid": (dict(attention="local"), 19),
