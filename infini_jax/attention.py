@@ -373,6 +373,16 @@ def infini_attention_sequence(
         B_s = σ(K_s)ᵀ V_s; the prefix compositions come from `jax.lax.associative_scan`.
     The two modes agree to float32 round-off.
     """
+    n_seg, state, scale_bs = check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, segment_len=segment_len,
+                                            rule=rule, mode=mode, state=state, write_scale_bs=write_scale_bs)
+    if mode == "scan":
+        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs, remat)
+    return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs)
+
+
+def check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, *, segment_len, rule, mode, state, write_scale_bs):
+    """The input checks and defaults of `infini_attention_sequence`, before anything is traced: returns
+    (segments, the incoming state in float32 (empty if None), write scale [B, S] float32 or None)."""
     _check_rule(rule)
     _check_mode(mode)
     _check_qkv(q_blhk, k_blhk, v_blhv)
@@ -389,9 +399,7 @@ def infini_attention_sequence(
         scale_bs = jnp.asarray(write_scale_bs, jnp.float32)
         if scale_bs.shape != (b, n_seg):
             raise ValueError(f"write_scale must have shape [batch, segments] = {(b, n_seg)}, got {scale_bs.shape}")
-    if mode == "scan":
-        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs, remat)
-    return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs)
+    return n_seg, state, scale_bs
 
 
 def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs, remat=True):
@@ -417,42 +425,55 @@ def _exclusive_cumsum(x_bs, axis: int = 1):
     return inclusive - x_bs, inclusive
 
 
+def compose(earlier, later):
+    """(A2, B2) ∘ (A1, B1) = (A2 A1, A2 B1 + B2): the affine map M ↦ A M + B of two consecutive spans."""
+    a1, b1 = earlier
+    a2, b2 = later
+    hp = MEMORY_PRECISION  # [.., K, J] x [.., J, X] -> [.., K, X]
+    return jnp.matmul(a2, a1, precision=hp), jnp.matmul(a2, b1, precision=hp) + b2
+
+
+def segment_writes(sk_bsnhk, v32_bsnhv, c_bs):
+    """Per segment, what eq. 8 adds: Δz_s = c_s Σ_t σ(K_t) [B, S, H, K], B_s = c_s σ(K_s)ᵀ V_s [B, S, H, K, V]."""
+    dz_bshk = jnp.sum(sk_bsnhk, axis=2) * c_bs[:, :, None, None]  # [B, S, N, H, K] -> [B, S, H, K]
+    # [B,S,N,H,K] x [B,S,N,H,V] -> [B,S,H,K,V]
+    write_bshkv = jnp.einsum("bsnhk,bsnhv->bshkv", sk_bsnhk, v32_bsnhv, precision=MEMORY_PRECISION) \
+        * c_bs[:, :, None, None, None]
+    return dz_bshk, write_bshkv
+
+
+def delta_transitions(sk_bsnhk, z_prev_bshk, c_bs):
+    """Eq. 9 as the affine map M ↦ A_s M + B_s (B_s from `segment_writes`): A_s = I − c_s σ(K_s)ᵀ D_s σ(K_s),
+    D_s = diag(1 / max(σ(K_t) z_{s-1}, eps)), and A_s = I where z_{s-1} is empty. [B, S, H, K, K]."""
+    hp, d_key = MEMORY_PRECISION, sk_bsnhk.shape[-1]
+    # [B,S,N,H,K] x [B,S,H,K] -> [B,S,N,H]
+    den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sk_bsnhk, z_prev_bshk, precision=hp)
+    empty_bsh = jnp.all(z_prev_bshk == 0, axis=-1)
+    inv_bsnh = jnp.where(empty_bsh[:, :, None], 0.0, 1.0 / jnp.maximum(den_bsnh, DENOM_EPS))
+    inv_bsnh = inv_bsnh * c_bs[:, :, None, None]
+    eye_kj = jnp.eye(d_key, dtype=jnp.float32)
+    # [B,S,N,H,K] x [B,S,N,H] x [B,S,N,H,J] -> [B,S,H,K,J]
+    return eye_kj - jnp.einsum("bsnhk,bsnh,bsnhj->bshkj", sk_bsnhk, inv_bsnh, sk_bsnhk, precision=hp)
+
+
 def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs):
     b, l, h, d_key = q_blhk.shape
     q_bsnhk, k_bsnhk, v_bsnhv = (_to_segments(x, n_seg) for x in (q_blhk, k_blhk, v_blhv))
     sq_bsnhk, sk_bsnhk = sigma(q_bsnhk), sigma(k_bsnhk)
-    v32_bsnhv = v_bsnhv.astype(jnp.float32)
     hp = MEMORY_PRECISION
 
-    # z_{s-1}: exclusive prefix of c_s Σ_t σ(K_t); [B, S, N, H, K] -> [B, S, H, K]
+    # z_{s-1}: exclusive prefix of c_s Σ_t σ(K_t); B_s = c_s σ(K_s)ᵀ V_s
     c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs
-    dz_bshk = jnp.sum(sk_bsnhk, axis=2) * c_bs[:, :, None, None]
+    dz_bshk, write_bshkv = segment_writes(sk_bsnhk, v_bsnhv.astype(jnp.float32), c_bs)
     zx_bshk, zi_bshk = _exclusive_cumsum(dz_bshk)
     z_prev_bshk = state.z[:, None] + zx_bshk
-    # σ(K_s) σ(K_s)ᵀ-free part of the write: B_s = c_s σ(K_s)ᵀ V_s; [B,S,N,H,K] x [B,S,N,H,V] -> [B,S,H,K,V]
-    write_bshkv = jnp.einsum("bsnhk,bsnhv->bshkv", sk_bsnhk, v32_bsnhv, precision=hp) \
-        * c_bs[:, :, None, None, None]
 
     if rule == "linear":
         mx_bshkv, mi_bshkv = _exclusive_cumsum(write_bshkv)
         m_prev_bshkv = state.M[:, None] + mx_bshkv
         m_final_bhkv = state.M + mi_bshkv[:, -1]
     else:
-        # D_s: 1 / max(σ(K_t) z_{s-1}, eps) per token; [B,S,N,H,K] x [B,S,H,K] -> [B,S,N,H]
-        den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sk_bsnhk, z_prev_bshk, precision=hp)
-        empty_bsh = jnp.all(z_prev_bshk == 0, axis=-1)
-        inv_bsnh = jnp.where(empty_bsh[:, :, None], 0.0, 1.0 / jnp.maximum(den_bsnh, DENOM_EPS))
-        inv_bsnh = inv_bsnh * c_bs[:, :, None, None]
-        # A_s = I − c_s Σ_t σ(K_t) σ(K_t)ᵀ / den_t; [B,S,N,H,K] x [B,S,N,H] x [B,S,N,H,J] -> [B,S,H,K,J]
-        eye_kj = jnp.eye(d_key, dtype=jnp.float32)
-        a_bshkj = eye_kj - jnp.einsum("bsnhk,bsnh,bsnhj->bshkj", sk_bsnhk, inv_bsnh, sk_bsnhk, precision=hp)
-
-        def compose(earlier, later):
-            a1, b1 = earlier
-            a2, b2 = later
-            # (A2, B2) ∘ (A1, B1) = (A2 A1, A2 B1 + B2); [.., K, J] x [.., J, X] -> [.., K, X]
-            return jnp.matmul(a2, a1, precision=hp), jnp.matmul(a2, b1, precision=hp) + b2
-
+        a_bshkj = delta_transitions(sk_bsnhk, z_prev_bshk, c_bs)
         pa_bshkj, pb_bshkv = jax.lax.associative_scan(compose, (a_bshkj, write_bshkv), axis=1)
         # M_s = P_A(s) M_0 + P_B(s); [B,S,H,K,J] x [B,H,J,V] -> [B,S,H,K,V]
         mi_bshkv = jnp.einsum("bshkj,bhjv->bshkv", pa_bshkj, state.M, precision=hp) + pb_bshkv

@@ -3,7 +3,8 @@
 Parameters name their dimensions in model.py (`axes` metadata); activations are pinned with `constrain`.
 Mesh axes: data, fsdp, (context), tensor. `constrain` is a no-op unless an abstract mesh is active
 (`jax.sharding.use_abstract_mesh`, which the jitted train/eval steps enter), so the model runs unchanged
-on one device.
+on one device. The sequence ("length") maps to the optional context axis: with one, activations are split
+along the sequence and the Infini-attention memory prefix is exchanged between its devices (context.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ BATCH_AXES = ("data", "fsdp")
 RULES: dict[str, Any] = {
     "batch": BATCH_AXES,
     "layers": None,  # the stacked-layers axis (model.scan_layers): every device holds every layer's slice
-    "length": None,  # later: "context"
+    "length": "context",  # context parallelism: each device holds whole segments of every sequence
     "vocab": "tensor",
     "embed": "fsdp",  # parameters: FSDP shards the model dimension of every weight
     "act_embed": None,  # activations: the model dimension stays whole, the batch carries the split
@@ -85,3 +86,13 @@ def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, x.shape, mesh, name="activation"))
+
+
+def active_axis(logical: str) -> tuple[Any, int]:
+    """(mesh axis or axes, their total size) that `logical` maps to on the active abstract mesh; (None, 1)
+    without a mesh, or when the mesh lacks those axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None, 1
+    axes = _present(mesh, RULES[logical])
+    return axes, (_axis_size(mesh, axes) if axes is not None else 1)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infini_jax import attention as attn
+from infini_jax import context
 from infini_jax.axes import constrain
 
 ATTENTIONS = ("infini", "xl", "local", "full")
@@ -153,7 +154,7 @@ class Attention(nnx.Module):
         v_blgk = jnp.einsum("bld,dgk->blgk", x, wv_dgk)
         if cfg.attention == "infini":
             state = attn.reset_memory(state, reset_b)
-            out_blhk, state = attn.infini_attention_sequence(
+            out_blhk, state = context.infini_attention_sequence(  # split over the context axis if any
                 q_blhk, k_blgk, v_blgk, self.gate_logit[...], segment_len=cfg.segment_len,
                 rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope, write_scale_bs=write_scale_bs,
                 remat=cfg.remat_segments)

@@ -1,8 +1,11 @@
 """Device mesh and the one table from logical axes to mesh axes.
 
 Mesh axes, in order: data, fsdp, (context), tensor. `config.mesh` gives their sizes; -1 means "whatever
-devices are left" (at most one -1). `context` is optional (absent = not in the mesh): it is reserved for a
-future sequence-parallel mode and nothing maps to it yet.
+devices are left" (at most one -1). `context` is optional (None = not in the mesh): context parallelism,
+the sequence ("length") split over it in whole segments, the Infini-attention memory prefix exchanged
+between its devices (infini_jax/context.py). The batch arrives split over the batch axes only (each device
+of a context group holds its rows' token ids, 12 bytes a token); the activations are split along the
+sequence from the embedding on, and the loss is taken chunk by chunk within each device's part.
 
 The axes use AxisType.Auto: jit in/out shardings with NamedSharding and XLA's propagation in between
 (jax 0.10's make_mesh defaults to Explicit, which would make sharding part of every array's type).
@@ -10,8 +13,9 @@ The axes use AxisType.Auto: jit in/out shardings with NamedSharding and XLA's pr
 Every parameter names its dimensions with logical axes (model.py `axes` metadata); `RULES` maps each to a
 mesh axis (or a tuple of mesh axes, or None). One dimension falls back to replication when its size does
 not divide the mesh axes (e.g. vocab 259 over tensor=2, or kv_heads=1 under multi-query); a mesh axis is
-never used twice in one PartitionSpec. The two mistakes that would silently waste the mesh are errors
-before compiling: num_heads not divisible by the tensor axis, and the batch not divisible by data × fsdp.
+never used twice in one PartitionSpec. The mistakes that would silently waste the mesh are errors before
+compiling: num_heads not divisible by the tensor axis, the batch not divisible by data × fsdp, and the
+segments of a sequence not divisible by the context axis.
 """
 
 from __future__ import annotations
@@ -106,8 +110,14 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def check_divisibility(mesh: Mesh, *, num_heads: int, batch_size: Optional[int] = None) -> None:
+def check_divisibility(mesh: Mesh, *, num_heads: int, batch_size: Optional[int] = None,
+                       n_segments: Optional[int] = None) -> None:
     """The errors to raise before compiling (see the module docstring)."""
+    context = _axis_size(mesh, _present(mesh, RULES["length"]))
+    if n_segments is not None and n_segments % context:
+        raise ValueError(f"model.n_segments={n_segments} is not divisible by the mesh context axis ({context}): "
+                         "each device must hold whole segments; set model.n_segments to a multiple of it "
+                         "or change config.mesh.context")
     tensor = _axis_size(mesh, _present(mesh, RULES["heads"]))
     if num_heads % tensor:
         raise ValueError(f"model.num_heads={num_heads} is not divisible by the mesh tensor axis ({tensor}); "
@@ -121,7 +131,8 @@ def check_divisibility(mesh: Mesh, *, num_heads: int, batch_size: Optional[int] 
 
 def param_shardings(abstract_model, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> dict:
     """NamedSharding per parameter, a pure dict matching nnx.to_pure_dict(nnx.state(model, nnx.Param))."""
-    check_divisibility(mesh, num_heads=abstract_model.cfg.num_heads)
+    cfg = abstract_model.cfg
+    check_divisibility(mesh, num_heads=cfg.num_heads, n_segments=cfg.n_segments if cfg.attention != "full" else None)
     axes = param_logical_axes(abstract_model)
     shapes = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
     return jax.tree.map(

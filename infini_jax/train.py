@@ -42,6 +42,7 @@ from infini_jax import paths
 from infini_jax.config import defaults, with_defaults
 from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
+from infini_jax.axes import active_axis
 from infini_jax.model import InfiniTransformer, ModelConfig, logits_from_hidden
 
 # Every config.train key and its default (infini_jax/configs/base.py; a key not there is an error).
@@ -107,7 +108,8 @@ def check_tokenizer(config, model_cfg: ModelConfig) -> None:
 
 
 def check_mesh(mesh, model_cfg: ModelConfig, batch_size: int, grad_accum: int = 1) -> None:
-    shd.check_divisibility(mesh, num_heads=model_cfg.num_heads, batch_size=batch_size)
+    shd.check_divisibility(mesh, num_heads=model_cfg.num_heads, batch_size=batch_size,
+                           n_segments=model_cfg.n_segments if model_cfg.attention != "full" else None)
     if grad_accum > 1:
         try:
             shd.check_divisibility(mesh, num_heads=model_cfg.num_heads, batch_size=batch_size // grad_accum)
@@ -167,11 +169,14 @@ def _token_sums(graphdef, params, batch, memory=None):
     x_bld, memory = model.hidden(batch["tokens"], memory, batch["reset"], batch.get("write_scale"))
     w_dv, dtype = model.output_embedding(), model.cfg.dtype
     b, l, _ = x_bld.shape
-    chunk = _loss_chunk(l, model.cfg.segment_len)
-    n_chunks = l // chunk
+    parts = active_axis("length")[1]  # context parallelism: each device takes the loss of its own part
+    parts = parts if l % parts == 0 else 1
+    chunk = _loss_chunk(l // parts, model.cfg.segment_len)
+    n_chunks = l // parts // chunk
 
-    def to_chunks(a):  # [B, L, ...] -> [n_chunks, B, chunk, ...]
-        return a.reshape((b, n_chunks, chunk) + a.shape[2:]).swapaxes(0, 1)
+    def to_chunks(a):  # [B, L, ...] -> [n_chunks, B, parts × chunk, ...]: step i, chunk i of every part
+        a = a.reshape((b, parts, n_chunks, chunk) + a.shape[2:])
+        return jnp.moveaxis(a, 2, 0).reshape((n_chunks, b, parts * chunk) + a.shape[4:])
 
     @jax.checkpoint
     def body(carry, xs):

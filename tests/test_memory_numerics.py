@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from infini_jax import attention as A
+from infini_jax import context as C
+from infini_jax import sharding as shd
 
 B, S, N, H, K, V = 2, 3, 12, 2, 4, 5  # N is unique among the sizes: local-attention dots are the [.., N, N] ones
 
@@ -45,18 +47,24 @@ def _is_local(shapes):  # softmax attention inside a segment: scores or probabil
 @pytest.mark.parametrize("rule", A.RULES)
 @pytest.mark.parametrize("mode", A.MODES)
 @pytest.mark.parametrize("grad", [False, True])
-def test_every_memory_dot_runs_at_highest_precision(rule, mode, grad):
+@pytest.mark.parametrize("context", [1, S])
+def test_every_memory_dot_runs_at_highest_precision(rule, mode, grad, context):
     """On TPU the default rounds float32 to bfloat16 (GPU: TF32): at 2^20 tokens that buries one passkey's
-    share of the read (benchmarks/memory_precision.py). Only the local softmax may keep the default."""
+    share of the read (benchmarks/memory_precision.py). Only the local softmax may keep the default.
+    context=S: the segments split over a context mesh axis of S devices (infini_jax/context.py)."""
     q, k, v = _qkv()
 
     def f(q, k, v):
-        out, st = A.infini_attention_sequence(q, k, v, jnp.zeros(H), segment_len=N, rule=rule, mode=mode,
+        out, st = C.infini_attention_sequence(q, k, v, jnp.zeros(H), segment_len=N, rule=rule, mode=mode,
                                               rope_base=100.0)
         return jnp.sum(out ** 2) + jnp.sum(st.M) + jnp.sum(st.z)
 
     fn = jax.grad(f, argnums=(0, 1, 2)) if grad else f
-    dots = list(_dots(jax.make_jaxpr(fn)(q, k, v).jaxpr))
+    mesh = shd.make_mesh(dict(data=1, fsdp=1, context=context, tensor=1), jax.devices()[:context])
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(fn)(q, k, v).jaxpr
+    assert (context > 1) == ("shard_map" in str(jaxpr))
+    dots = list(_dots(jaxpr))
     memory = [(p, s) for p, s in dots if not _is_local(s)]
     local = [(p, s) for p, s in dots if _is_local(s)]
     assert memory and local, "expected both memory and local-attention products"

@@ -90,7 +90,7 @@ def get_config(arg=None):
     config.mesh = dict(
         data=-1,  # data-parallel mesh axis size; -1: the devices left
         fsdp=1,  # fully sharded data-parallel axis (params and optimizer state sharded over it)
-        context=placeholder(int),  # reserved for sequence parallelism (nothing maps to it yet); None: not in the mesh
+        context=placeholder(int),  # context parallelism: segments split over it (must divide n_segments); None: off
         tensor=1,  # tensor-parallel axis (heads and MLP width)
     )
     config.evals = dict(  # run by train.py at the end of training
