@@ -119,12 +119,9 @@ class Checkpointer:
             return None
         path = self.directory / str(step) / "config" / "metadata"
         if path.exists():
-            saved = json.loads(path.read_text())
-        else:
-            saved = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-            raise ValueError(f"{path} is not an experiment config")
-        return saved
+            return _read_config(path)
+        saved = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        return _check_config(saved, path)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -198,12 +195,20 @@ def newest_readable_config(workdir: epath.PathLike) -> Optional[dict]:
     steps = sorted((int(c.name) for c in root.iterdir() if c.name.isdigit()), reverse=True) if root.is_dir() else []
     for step in steps:
         try:
-            saved = json.loads((root / str(step) / "config" / "metadata").read_text())
+            return _read_config(root / str(step) / "config" / "metadata")
         except Exception:  # noqa: BLE001 - damaged or missing: restore_latest deals with it
             continue
-        if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
-            return saved
     return None
+
+
+def _read_config(path: epath.Path) -> dict:
+    return _check_config(json.loads(path.read_text()), path)
+
+
+def _check_config(saved, path) -> dict:
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise ValueError(f"{path} is not an experiment config")
+    return saved
 
 
 def find_step_dir(path: epath.PathLike) -> epath.Path:
