@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infini_jax import optim as optim_lib  # noqa: E402
 from infini_jax import sharding as shd  # noqa: E402
-from infini_jax import train as T  # noqa: E402
+from infini_jax import step as T  # noqa: E402
 from infini_jax.config import load_config  # noqa: E402
 from infini_jax.data import load_tokenizer, make_iterator  # noqa: E402
 from infini_jax.model import ModelConfig  # noqa: E402

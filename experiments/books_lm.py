@@ -53,7 +53,7 @@ def reset_every(batches, windows: int):
 
 
 def evaluate_model(config, workdir: Path, split: str, max_docs, batch_size: int) -> dict:
-    from infini_jax import evaluate as ev
+    from infini_jax import evals as ev
     from infini_jax.data import load_tokenizer, make_iterator
     from infini_jax.model import gate_values
 
@@ -117,7 +117,7 @@ def main():
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         p.error(f"unknown arguments {bad}")
-    from infini_jax.train import train_and_evaluate
+    from infini_jax.loop import train_and_evaluate
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,11 +47,11 @@ def main():
     import jax
 
     from infini_jax.configs.tiny import get_config
-    from infini_jax import evaluate as ev
+    from infini_jax import evals as ev
     from infini_jax import plots
     from infini_jax.data import Haystack, load_tokenizer
     from infini_jax.model import gate_values
-    from infini_jax.train import train_and_evaluate
+    from infini_jax.loop import train_and_evaluate
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def main():
     for rule in a.rules.split(","):
         config = get_config(f"rule={rule}")
         config.data.passkey_haystack = a.haystack
-        config.evals.passkey_x = ()  # this script evaluates
+        config.evals.passkey.x = ()  # this script evaluates
         if a.steps:  # the mass-augmentation phase stays the last 20% of training
             config.data.passkey_mass_after = int(round(a.steps * config.data.passkey_mass_after / config.train.steps))
             config.train.steps = a.steps

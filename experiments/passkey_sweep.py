@@ -66,10 +66,10 @@ def run_variant(name: str, steps: int, out: Path, trials: int, arg: str) -> dict
     import jax
 
     from infini_jax.configs.tiny import get_config
-    from infini_jax import evaluate as ev
+    from infini_jax import evals as ev
     from infini_jax.data import load_tokenizer
     from infini_jax.model import gate_values
-    from infini_jax.train import train_and_evaluate
+    from infini_jax.loop import train_and_evaluate
 
     config = apply(get_config(arg), {**VARIANTS[name], "train.steps": steps, "train.eval_every": 0,
                                      "train.ckpt_every": 0})

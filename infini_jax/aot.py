@@ -141,10 +141,10 @@ def abstract_batch(batch_size: int, seq_len: int, mesh) -> dict:
 
 
 def lower_train_step(config, mesh):
-    """(jitted train step, abstract (state, batch), parameter count): infini_jax.train's real step, with
+    """(jitted train step, abstract (state, batch), parameter count): infini_jax.step's real step, with
     the TrainState shardings of create_train_state(init=False) (nothing is allocated)."""
     from infini_jax import optim as optim_lib
-    from infini_jax import train as train_lib
+    from infini_jax import step as train_lib
 
     model_cfg, train, optim = train_lib.validate_config(config, process_count=1)
     accum = int(optim["grad_accum"])

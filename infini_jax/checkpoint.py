@@ -24,6 +24,7 @@ from etils import epath
 from flax import nnx
 
 from infini_jax import paths
+from infini_jax.model import key_path
 
 ITEMS = ("params", "opt", "data", "config")
 COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
@@ -224,10 +225,6 @@ def find_step_dir(path: epath.PathLike) -> epath.Path:
     return root / str(steps[-1])
 
 
-def _path_key(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def param_targets(model_config, mesh=None) -> tuple[Any, dict, dict]:
     """(ModelConfig, parameter shapes, parameter shardings) of a model config: where restored parameters go.
     The trees are pure dicts like nnx.to_pure_dict(nnx.state(model, nnx.Param)); mesh None: the first device."""
@@ -256,8 +253,8 @@ def restore_params(path: epath.PathLike, model_config, mesh=None):
     step_dir = find_step_dir(path)
     with ocp.StandardCheckpointer() as ckptr:
         saved_tree = ckptr.metadata(step_dir / "params").item_metadata.tree
-    saved = {_path_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
-    want = {_path_key(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    saved = {key_path(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
+    want = {key_path(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
     problems = [f"missing in checkpoint: {k}" for k in sorted(set(want) - set(saved))]
     problems += [f"not in model: {k}" for k in sorted(set(saved) - set(want))]
     problems += [f"shape {k}: checkpoint {saved[k]} vs model {want[k]}"

@@ -82,20 +82,30 @@ def key_docs() -> dict[str, dict[str, str]]:
     from infini_jax.configs import base
 
     docs: dict[str, dict[str, str]] = {}
-    section = None
+    section, prefix = None, []  # prefix: the nested dict(...) a key line sits in (config.evals.<name>)
     for line in inspect.getsource(base).splitlines():
         if m := re.match(r"\s*config\.(\w+)\s*=", line):
-            section = docs.setdefault(m.group(1), {})
+            section, prefix = docs.setdefault(m.group(1), {}), []
+        elif section is not None and (m := re.match(r"\s*(\w+)=dict\(\s*(#.*)?$", line)):
+            prefix.append(m.group(1))
+        elif section is not None and prefix and re.match(r"\s*\),?\s*$", line):
+            prefix.pop()
         elif section is not None and (m := _KEY_COMMENT.match(line)):
-            section[m.group(1)] = m.group(2).strip()
+            section[".".join([*prefix, m.group(1)])] = m.group(2).strip()
     docs["model"] = {m.group(1): m.group(2).strip() for line in inspect.getsource(ModelConfig).splitlines()
                      if (m := _KEY_COMMENT.match(line))}
     return docs
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"passkey": {"x": ()}} -> {"passkey.x": ()} (evaluators are dicts inside config.evals)."""
+    return {k: v for key, value in d.items()
+            for k, v in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}).items()}
+
+
 def markdown_table() -> str:
     """The README's table of every config key (in the order of base.py), its default and its meaning."""
-    base, docs = _base().to_dict(), key_docs()
+    base, docs = {k: _flat(v) for k, v in _base().to_dict().items()}, key_docs()
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for section, values in base.items():
         missing = sorted(set(values) - set(docs.get(section, {})))

@@ -181,8 +181,9 @@ def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, *, tempe
 def generate_text(model: InfiniTransformer, tokenizer, prompt: str, max_new_tokens: int, *, add_bos: bool = True,
                   stop_at_eos: bool = True, **kw) -> str:
     """Encodes `prompt` (bos first), generates, and decodes the new tokens (up to eos)."""
-    if tokenizer.vocab_size != model.cfg.vocab_size:
-        raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.cfg.vocab_size}")
+    from infini_jax.data.tokenizers import check_vocab
+
+    check_vocab(tokenizer, model.cfg.vocab_size)
     ids = ([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(prompt))
     out_N = generate(model, np.asarray(ids, np.int32), max_new_tokens, pad_id=tokenizer.pad_id,
                      eos_id=tokenizer.eos_id if stop_at_eos else None, **kw)

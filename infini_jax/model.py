@@ -332,13 +332,42 @@ def logits_from_hidden(x_bld: jax.Array, w_dv: jax.Array, dtype: str) -> jax.Arr
     return constrain(logits_blv, ("batch", "length", "vocab"))
 
 
-def gate_values(model: InfiniTransformer) -> jax.Array:
-    """sigmoid(β) of every head of every layer, [num_layers, num_heads] (the paper's Figure 3)."""
-    if model.cfg.attention != "infini":
-        raise ValueError(f"gates exist only for attention='infini', not {model.cfg.attention!r}")
-    if model.cfg.scan_layers:
-        return jax.nn.sigmoid(model.blocks.attn.gate_logit[...])
-    return jnp.stack([jax.nn.sigmoid(b.attn.gate_logit[...]) for b in model.blocks])
+GATE_PARAM = "gate_logit"  # Infini-attention's β, one per query head: [heads], or [layers, heads] stacked
+KNOCKOUT_GATE_LOGIT = -1e9  # sigmoid(-1e9) == 0.0 exactly in float32: every head reads its local attention only
+
+
+def key_path(path) -> str:
+    """A jax.tree key path as 'blocks/0/attn/gate_logit' (the one key-path helper of the package)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def is_gate_path(path) -> bool:
+    return key_path(path).rsplit("/", 1)[-1] == GATE_PARAM
+
+
+def gate_values(params) -> Optional[jax.Array]:
+    """sigmoid(β) [num_layers, num_heads] (the paper's Figure 3) from a params pure dict or a model
+    (jittable), or None when the model has no Infini-attention gates. The one gate readout."""
+    if isinstance(params, nnx.Module):
+        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
+    found = [(key_path(p), g) for p, g in jax.tree_util.tree_flatten_with_path(params)[0] if is_gate_path(p)]
+    if not found:
+        return None
+    # stacked blocks hold one [layers, heads] leaf; a list of blocks one [heads] leaf per layer: layer order is
+    # the number in the path (a restored checkpoint may key layers by strings, where "10" sorts before "2")
+    order = lambda item: [int(k) if k.isdigit() else 0 for k in item[0].split("/")]  # noqa: E731
+    gates = [g for _, g in sorted(found, key=order)]
+    stacked = gates[0] if gates[0].ndim == 2 else jnp.stack(gates)
+    return jax.nn.sigmoid(stacked.astype(jnp.float32))
+
+
+def knockout_params(params):
+    """The memory knock-out as a change of parameters: every gate logit β = -1e9, so sigmoid(β) = 0 exactly
+    and each head outputs its local attention (equals attention='local'); a new tree, `params` untouched."""
+    if gate_values(params) is None:
+        raise ValueError("memory knock-out needs attention='infini' (the model has no gates)")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.full_like(x, KNOCKOUT_GATE_LOGIT) if is_gate_path(p) else x, params)
 
 
 def count_params(tree) -> int:

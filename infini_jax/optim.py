@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import optax
 
 from infini_jax.config import defaults, with_defaults
+from infini_jax.model import is_gate_path, key_path
 
 # Every config.optim key and its default (infini_jax/configs/base.py; a key not there is an error).
 DEFAULTS: dict[str, Any] = defaults("optim")
 NAMES = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "constant")
-GATE_SUFFIX = "gate_logit"
 
 
 def optim_config(cfg: Mapping[str, Any]) -> dict:
@@ -63,15 +63,6 @@ def make_schedule(peak: float, total_steps: int, warmup_steps: int, schedule: st
                                               end_value=peak * min_lr_ratio)
 
 
-def _last_key(path) -> str:
-    last = path[-1] if path else None
-    return str(getattr(last, "key", getattr(last, "name", last)))
-
-
-def is_gate_path(path) -> bool:
-    return _last_key(path) == GATE_SUFFIX
-
-
 def param_labels(params) -> Any:
     """'gate' for β (paths ending in gate_logit), 'default' for everything else."""
     return jax.tree_util.tree_map_with_path(lambda p, _: "gate" if is_gate_path(p) else "default", params)
@@ -80,7 +71,7 @@ def param_labels(params) -> Any:
 def decay_mask(params) -> Any:
     """Weight decay on matrices only: not norm scales (named `scale`; 2-D when layers are stacked), never β."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: (jnp.ndim(x) >= 2) and not is_gate_path(p) and _last_key(p) != "scale", params)
+        lambda p, x: (jnp.ndim(x) >= 2) and not is_gate_path(p) and key_path(p).rsplit("/", 1)[-1] != "scale", params)
 
 
 def _scaler(o: dict) -> optax.GradientTransformation:

@@ -32,6 +32,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from infini_jax import attention as attn
 from infini_jax.axes import RULES, _axis_size, _present, logical_to_spec  # noqa: F401  (the one rules table)
+from infini_jax.model import key_path
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 REQUIRED_AXES = ("data", "fsdp", "tensor")
@@ -90,7 +91,7 @@ def param_logical_axes(abstract_model) -> dict:
     for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_var)[0]:
         axes = var.get_metadata().get("axes")
         if axes is None:
-            raise ValueError(f"param {_path_str(path)} has no `axes` metadata")
+            raise ValueError(f"param {key_path(path)} has no `axes` metadata")
         node = out
         keys = [k.key for k in path]
         for k in keys[:-1]:
@@ -104,10 +105,6 @@ class _Leaf:
 
     def __init__(self, value):
         self.value = value
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def check_divisibility(mesh: Mesh, *, num_heads: int, batch_size: Optional[int] = None,
@@ -147,12 +144,12 @@ def opt_state_shardings(opt_state_shapes, params_shapes, params_shardings, mesh:
     by_path = {}
     for (path, shape), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(params_shapes)[0],
                                       jax.tree_util.tree_flatten_with_path(params_shardings)[0]):
-        by_path[tuple(_key(k) for k in path)] = (tuple(shape.shape), sh.spec)
+        by_path[tuple(key_path(path).split("/"))] = (tuple(shape.shape), sh.spec)
     max_len = max((len(p) for p in by_path), default=0)
     replicated = NamedSharding(mesh, P())
 
     def one(path, leaf):
-        keys = tuple(_key(k) for k in path)
+        keys = tuple(key_path(path).split("/"))
         shape = tuple(getattr(leaf, "shape", ()))
         for n in range(min(max_len, len(keys)), 0, -1):
             hit = by_path.get(keys[-n:])
@@ -170,13 +167,6 @@ def opt_state_shardings(opt_state_shapes, params_shapes, params_shardings, mesh:
         return replicated
 
     return jax.tree_util.tree_map_with_path(one, opt_state_shapes)
-
-
-def _key(k):
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return k
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

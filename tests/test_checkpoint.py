@@ -11,7 +11,8 @@ import pytest
 
 from infini_jax import checkpoint as ckpt_lib
 from infini_jax import sharding as shd
-from infini_jax import train as T
+from infini_jax import loop as T
+from infini_jax.step import NonFiniteLossError
 from infini_jax.model import ModelConfig
 
 MODEL = dict(vocab_size=64, d_model=32, num_layers=1, num_heads=4, head_dim=8, d_ff=64, segment_len=8,
@@ -140,7 +141,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(full_run, tmp_path):
     full_dir, _ = full_run
     c = make_config()
     c.train.ckpt_every = 1
-    with pytest.raises(T.NonFiniteLossError, match="non-finite loss/grad norm at step 4.*last good checkpoint is "
+    with pytest.raises(NonFiniteLossError, match="non-finite loss/grad norm at step 4.*last good checkpoint is "
                        "step 3"):
         T.train_and_evaluate(c, tmp_path, progress=False, make_iterator=fake_make_iterator(nan_at=4))
     ck = ckpt_lib.Checkpointer(tmp_path)

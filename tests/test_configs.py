@@ -7,7 +7,8 @@ checked in a second on a laptop.
 import pytest
 from flax import nnx
 
-from infini_jax import optim, train
+from infini_jax import optim
+from infini_jax import step as train
 from infini_jax.config import load_config, model_config, seq_len
 from infini_jax.data import check_data_config
 from infini_jax.model import InfiniTransformer, count_params

@@ -15,7 +15,8 @@ from infini_jax import attention as A
 from infini_jax import context as C
 from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
-from infini_jax import train as T
+from infini_jax import loop
+from infini_jax import step as T
 from infini_jax.model import InfiniTransformer, ModelConfig
 
 B, S, N, H, G, K, V = 2, 8, 8, 4, 2, 4, 5  # grouped-query: 4 query heads read 2 memories
@@ -111,7 +112,7 @@ def _init(model_cfg, seed=0):
 
 
 def _model_loss_and_grads(model_cfg, params, batch, mesh_cfg, devices=None):
-    """Token-mean loss, its gradients and the memory after the sequence, from train._token_sums (the train
+    """Token-mean loss, its gradients and the memory after the sequence, from step.loss_sums (the train
     step's loss) jitted with the train step's shardings on this mesh."""
     mesh = shd.make_mesh(mesh_cfg, devices)
     amodel = T.abstract_model(model_cfg)
@@ -121,7 +122,7 @@ def _model_loss_and_grads(model_cfg, params, batch, mesh_cfg, devices=None):
     def f(p, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             def loss(p):
-                sums, memory = T._token_sums(graphdef, p, batch)
+                sums, memory = T.loss_sums(graphdef, p, batch)
                 return sums["nll"] / sums["tokens"], memory
             return jax.value_and_grad(loss, has_aux=True)(p)
 
@@ -203,5 +204,5 @@ def test_wrong_context_split_fails_before_anything_is_built(tmp_path):
     c.mesh = dict(DATA2_CONTEXT4)
     never = lambda *a, **k: pytest.fail("no data iterator should be built")  # noqa: E731
     with pytest.raises(ValueError, match="model.n_segments=6 is not divisible by the mesh context axis \\(4\\)"):
-        T.train_and_evaluate(c, tmp_path / "run", progress=False, make_iterator=never)
+        loop.train_and_evaluate(c, tmp_path / "run", progress=False, make_iterator=never)
     assert not (tmp_path / "run").exists()

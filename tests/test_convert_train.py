@@ -9,7 +9,7 @@ import numpy as np
 
 from _hf import save_byte_level_tokenizer, save_model
 from infini_jax import checkpoint as ckpt_lib
-from infini_jax import train as T
+from infini_jax import loop as T
 from infini_jax.config import load_config
 from infini_jax.convert import hf_fields, load_hf_params
 from infini_jax.convert.__main__ import main as convert_main

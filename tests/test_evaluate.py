@@ -1,4 +1,4 @@
-"""infini_jax/evaluate.py: streamed perplexity over every segment, knock-out, passkey streaming, footprint."""
+"""infini_jax/evals: streamed perplexity over every segment, knock-out, passkey streaming, footprint."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infini_jax import evaluate as ev
+from infini_jax import evals as ev
 from infini_jax.data.tokenizers import ByteTokenizer
 from infini_jax.data.windows import WindowIterator
 from infini_jax.model import InfiniTransformer, ModelConfig

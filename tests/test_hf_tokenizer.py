@@ -9,7 +9,7 @@ import pytest
 from _hf import SAMPLE, TEXT, save_byte_level_tokenizer, save_gemma_tokenizer
 from infini_jax.config import load_config
 from infini_jax.data.tokenizers import HFTokenizer, load_tokenizer, with_default_tokenizer
-from infini_jax.evaluate import byte_length_table
+from infini_jax.evals import byte_length_table
 
 
 @pytest.fixture(scope="module", params=["byte_level", "gemma"])

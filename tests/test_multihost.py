@@ -1,6 +1,6 @@
 """Multi-process training on one machine: two JAX processes × 2 CPU devices form one 4-device mesh.
 
-Both processes run infini_jax.train.train_and_evaluate on the tiny config, each reading its own rows through
+Both processes run infini_jax.loop.train_and_evaluate on the tiny config, each reading its own rows through
 the library's data path (infini_jax.data.make_iterator with its process index); the single-process reference
 feeds the same two streams side by side. Both get SIGTERM a few steps in: JAX's preemption sync manager (no Python handler, no
 per-step collective) makes them save the same step and exit 0; they then resume from it and finish. The
@@ -33,7 +33,7 @@ WORKER = textwrap.dedent('''
     SLOW = float(os.environ.get("WORKER_SLOW", "0"))
     process_id, num_processes, port, workdir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     import jax
-    from infini_jax import sharding, train
+    from infini_jax import loop, sharding
     if num_processes > 1:
         assert sharding.initialize_distributed(f"127.0.0.1:{port}", num_processes, process_id)
     assert jax.device_count() == 4, jax.devices()
@@ -45,7 +45,7 @@ WORKER = textwrap.dedent('''
     config.train.ckpt_every = 0
     config.train.eval_batches = 1
     config.model.num_layers = 1  # compile time is what this test spends; one layer exercises the same paths
-    config.evals.passkey_x = ()  # no end-of-training passkey sweep here
+    config.evals.passkey.x = ()  # no end-of-training passkey sweep here
 
     from infini_jax.data import make_iterator as real_make_iterator
 
@@ -85,7 +85,7 @@ WORKER = textwrap.dedent('''
             return Concat([real_make_iterator(data_cfg, process_index=i, process_count=2, **kw) for i in range(2)])
         return Slow(real_make_iterator(data_cfg, process_index=process_index, process_count=process_count, **kw))
 
-    out = train.train_and_evaluate(config, workdir, progress=False, make_iterator=make_iterator)
+    out = loop.train_and_evaluate(config, workdir, progress=False, make_iterator=make_iterator)
     print("RESULT " + json.dumps({"process": jax.process_index(), "step": out["step"],
                                   "preempted": out["preempted"]}), flush=True)
     if num_processes > 1:

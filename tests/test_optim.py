@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from infini_jax import optim
-from infini_jax.model import InfiniTransformer, ModelConfig
+from infini_jax.model import InfiniTransformer, ModelConfig, is_gate_path
 
 
 def _params():
@@ -47,7 +47,7 @@ def test_gate_lr_changes_only_beta_update(name):
     np.testing.assert_allclose(np.asarray(db), 10 * np.asarray(da), rtol=1e-5)
     assert np.all(np.asarray(da) < 0)  # descent
     for path, x in jax.tree_util.tree_flatten_with_path(a)[0]:
-        if not optim.is_gate_path(path):
+        if not is_gate_path(path):
             y = b
             for k in path:
                 y = y[k.key]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from infini_jax import evaluate as ev
+from infini_jax import evals as ev
+from infini_jax.evals import passkey_retrieval
 from infini_jax.data import ByteTokenizer, Haystack, PasskeyIterator, PasskeyStream, make_passkey_example
 from infini_jax.data.passkey import KEY_TEMPLATE, QUESTION
 from infini_jax.model import InfiniTransformer, ModelConfig
@@ -41,11 +42,12 @@ def test_digit_accuracy_scores_only_the_digits(monkeypatch):
     """An oracle that gets every digit right and the leading space wrong: digit accuracy 1, token 5/6."""
     model = InfiniTransformer(CFG, rngs=nnx.Rngs(0))
 
-    def oracle(graphdef, params, state, tokens_bl, targets_bl, weight_bl):
+    def oracle(steps, params, memory, batch):
+        targets_bl, weight_bl = batch["targets"], batch["loss_mask"]
         pred = jnp.where(targets_bl == TOK.encode(" ")[0], TOK.encode("x")[0], targets_bl)  # space -> wrong
-        return state, pred, jnp.zeros(tokens_bl.shape)
+        return {"nll": jnp.zeros(targets_bl.shape), "correct": (pred == targets_bl) * weight_bl}, memory
 
-    monkeypatch.setattr(ev, "_stream_step", oracle)
+    monkeypatch.setattr(passkey_retrieval, "answer_losses", oracle)
     sweep = ev.passkey_sweep(model, TOK, [600], [0.0, 1.0], trials=2)
     for cell in sweep["cells"]:
         assert cell["digit_accuracy"] == 1.0
@@ -112,16 +114,16 @@ def test_passkey_report_from_config_evals():
     """config.evals → the table train.py prints at the end: lengths are multiples of the training length."""
     import ml_collections
 
-    from infini_jax.train import validate_config
+    from infini_jax.step import validate_config
 
     cfg = ModelConfig(**{**CFG.__dict__, "n_segments": 5})  # 320 tokens
     model = InfiniTransformer(cfg, rngs=nnx.Rngs(0))
     lines = []
-    out = ev.passkey_report(model, TOK, dict(passkey_x=(1, 2), passkey_depths=(0.0, 1.0), passkey_trials=2),
+    out = ev.passkey_report(model, TOK, dict(x=(1, 2), depths=(0.0, 1.0), trials=2),
                             log=lines.append)
     assert out["passkey"]["lengths"] == [320, 640] and out["passkey_knockout"]["lengths"] == [320, 640]
     assert len(out["passkey"]["digit_accuracy"]) == 2 and "knocked out" in lines[1]
-    assert ev.passkey_report(model, TOK, dict(passkey_x=())) == {}
+    assert ev.passkey_report(model, TOK, dict(x=())) == {}
     from infini_jax.config import load_config
 
     config = load_config("tiny")

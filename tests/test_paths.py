@@ -15,7 +15,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from infini_jax import checkpoint as ckpt_lib
 from infini_jax import paths
-from infini_jax import train as T
+from infini_jax import loop as T
 from test_checkpoint import fake_make_iterator, make_config
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 from infini_jax.data import ByteTokenizer
 from infini_jax.data.booksum import booksum_prompt
 from infini_jax.model import InfiniTransformer, ModelConfig
-from infini_jax.summarize import summarize_and_score
+from infini_jax.evals import summarize_and_score
 
 
 def _data(tmp_path):
@@ -37,7 +37,7 @@ def test_summarize_and_score(tmp_path, monkeypatch):
     assert [r["summary"] for r in again["records"]] == [r["summary"] for r in out["records"]]
 
     # A model that emits the reference exactly scores 100: the scoring path is wired to the right pairs.
-    import infini_jax.summarize as summ
+    import infini_jax.evals.summarize as summ
 
     refs = iter(["A white whale.", "Times were good and bad."])
     monkeypatch.setattr(summ, "generate", lambda *a, **k: np.asarray(tok.encode(next(refs)) + [tok.eos_id]))

@@ -7,8 +7,9 @@ import pytest
 
 from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
-from infini_jax import train as T
-from infini_jax.model import ModelConfig
+from infini_jax import loop
+from infini_jax import step as T
+from infini_jax.model import ModelConfig, gate_values
 
 MODEL = dict(vocab_size=64, d_model=32, num_layers=1, num_heads=4, head_dim=8, d_ff=64, segment_len=8,
              n_segments=2, remat=False)
@@ -129,20 +130,20 @@ def test_config_errors_before_compiling(tmp_path):
     c = _config()
     c.train.batch_size = 4  # 8 data shards
     with pytest.raises(ValueError, match="batch size 4 is not divisible by the mesh batch axes"):
-        T.train_and_evaluate(c, tmp_path / "a", progress=False, make_iterator=never)
+        loop.train_and_evaluate(c, tmp_path / "a", progress=False, make_iterator=never)
     c = _config()
     c.mesh = dict(data=1, fsdp=1, tensor=8)
     with pytest.raises(ValueError, match="num_heads=4 is not divisible by the mesh tensor axis"):
-        T.train_and_evaluate(c, tmp_path / "b", progress=False, make_iterator=never)
+        loop.train_and_evaluate(c, tmp_path / "b", progress=False, make_iterator=never)
     c = _config()
     c.optim.grad_accum = 2
     with pytest.raises(ValueError, match="microbatch"):
-        T.train_and_evaluate(c, tmp_path / "c", progress=False, make_iterator=never)
+        loop.train_and_evaluate(c, tmp_path / "c", progress=False, make_iterator=never)
     c = _config()  # the real data pipeline (no make_iterator): byte tokens, 259 of them
     with c.unlocked():
         c.data = dict(name="passkey", tokenizer="byte")
     with pytest.raises(ValueError, match="259 tokens but config.model.vocab_size is 64"):
-        T.train_and_evaluate(c, tmp_path / "d", progress=False)
+        loop.train_and_evaluate(c, tmp_path / "d", progress=False)
     assert not (tmp_path / "d").exists()
 
 
@@ -170,6 +171,6 @@ def test_scan_layers_sharded_step_matches_single_device(name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), params, ref_params)
     wq = state.params["blocks"]["attn"]["wq_dhk"]
     assert wq.shape[0] == 2 and wq.sharding.spec[0] is None and "tensor" in str(wq.sharding.spec)
-    assert T.gate_values_from_params(state.params).shape == (2, 4)
+    assert gate_values(state.params).shape == (2, 4)
     decay = optim_lib.decay_mask(state.params)
     assert not decay["blocks"]["attn_norm"]["scale"] and decay["blocks"]["attn"]["wq_dhk"]

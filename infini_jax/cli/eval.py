@@ -7,7 +7,12 @@ gate plot (paper Figure 3), memory-footprint table (paper Table 1) and streaming
     infini-eval --config tiny --workdir /tmp/tiny --tasks generate --prompt "The pass key is"
 
 Results: <out_dir>/results.json and PNGs (passkey.png, gates.png, segment_loss.png), where out_dir defaults to
-<workdir>/eval/step_<N>. A readable summary goes to stdout. Single process; the model sits on one device.
+<workdir>/eval/step_<N>. A readable summary goes to stdout.
+
+The tasks are the evaluators of infini_jax/evals, the ones training runs from config.evals, on the same loss.
+The params are restored straight into their shardings on the mesh of config.mesh (`--config.mesh.fsdp=8`
+for a 1B/8B checkpoint); several processes (--multihost or --coordinator_address ...) each read their own rows
+and take the same number of batches; process 0 writes the results.
 """
 
 import json
@@ -41,6 +46,10 @@ flags.DEFINE_float("temperature", 0.0, "0 = greedy; the paper's BookSum decoding
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Passkey and sampling seed.")
 flags.DEFINE_bool("progress", True, "tqdm progress bars.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (auto-detected coordinator).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "This process's id (multi-process).")
 FLAGS = flags.FLAGS
 
 
@@ -53,6 +62,9 @@ def parse_length(text: str) -> int:
         raise ValueError(f"bad passkey length {text!r}: use integers or 1K / 32K / 1M") from None
 
 
+TASKS = ("perplexity", "knockout", "passkey", "gates", "footprint", "generate", "summarize")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -63,35 +75,59 @@ def main(argv):
         sys.exit(2)
 
 
+def evaluators_for(tasks, lengths, depths, haystack) -> list:
+    """--tasks (and their flags) as the evaluators of infini_jax/evals, the ones training runs."""
+    from infini_jax import evals
+
+    f = FLAGS
+    make = {
+        "perplexity": lambda: evals.Perplexity("perplexity", split=f.split, batches=f.max_batches,
+                                               batch_size=f.batch_size, max_docs=f.max_docs),
+        "knockout": lambda: evals.Perplexity("knockout", split=f.split, batches=f.max_batches,
+                                             batch_size=f.batch_size, max_docs=f.max_docs, knockout=True),
+        "passkey": lambda: evals.Passkey("passkey", lengths=lengths, depths=depths, trials=f.passkey_trials,
+                                         knockout=False, seed=f.seed, chunk_segments=f.chunk_segments,
+                                         haystack=haystack),
+        "gates": lambda: evals.Gates("gates"),
+        "footprint": lambda: evals.Footprint("footprint", lengths=lengths if "passkey" in tasks else ()),
+        "generate": lambda: evals.Generate("generate", prompt=f.prompt, max_new_tokens=f.max_new_tokens,
+                                           temperature=f.temperature, top_p=f.top_p, seed=f.seed),
+        "summarize": lambda: evals.Summarize("summarize", split=f.split, max_docs=f.max_docs,
+                                             max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+                                             top_p=f.top_p, seed=f.seed),
+    }
+    return [make[t]() for t in TASKS if t in tasks]
+
+
 def _main() -> int:
+    import dataclasses
+
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
-    from infini_jax import evaluate as ev
-    from infini_jax import paths, plots
+    from infini_jax import evals, paths, plots
+    from infini_jax import sharding as shd
     from infini_jax.config import model_config
     from infini_jax.data.passkey import Haystack, PasskeyStream
-    from infini_jax.data.tokenizers import load_tokenizer, with_default_tokenizer
+    from infini_jax.data.tokenizers import check_vocab, load_tokenizer, with_default_tokenizer
 
     config = FLAGS.config
     if config is None:
         raise ValueError("--config is required, e.g. --config tiny")
     config = with_default_tokenizer(config)  # init_from=hf:DIR with no data.tokenizer: DIR's own
     cfg = model_config(config)
-    default_tasks = [t for t in ev.TASKS if t != "summarize" or config.data.name == "booksum"]
+    default_tasks = [t for t in TASKS if t != "summarize" or config.data.name == "booksum"]
     tasks = FLAGS.tasks or default_tasks
-    unknown = sorted(set(tasks) - set(ev.TASKS))
+    unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown --tasks {unknown}; valid: {','.join(ev.TASKS)}")
+        raise ValueError(f"unknown --tasks {unknown}; valid: {','.join(TASKS)}")
     if sum(bool(x) for x in (FLAGS.workdir or FLAGS.checkpoint, FLAGS.init_random)) != 1:
         raise ValueError("pass --workdir DIR (latest checkpoint) or --checkpoint PATH (or --init_random for a smoke "
                          "test)")
     if FLAGS.init_random and not FLAGS.out_dir and not FLAGS.workdir:
         raise ValueError("--init_random needs --out_dir (or --workdir) for the results")
     tokenizer = load_tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ValueError(f"tokenizer {config.data.tokenizer!r} has vocab {tokenizer.vocab_size} but "
-                         f"config.model.vocab_size is {cfg.vocab_size}: fix one of them in the config")
+    check_vocab(tokenizer, cfg.vocab_size, config.data.tokenizer)
     lengths = [parse_length(x) for x in FLAGS.passkey_lengths]
     depths = [float(x) for x in FLAGS.passkey_depths]
     if "summarize" in tasks and (config.data.name != "booksum" or not config.data.get("data_dir")):
@@ -102,20 +138,34 @@ def _main() -> int:
             if not 0 <= d <= 1:
                 raise ValueError(f"--passkey_depths must be in [0, 1], got {d}")
         PasskeyStream(tokenizer, min(lengths), 0.0)  # raises if shorter than the prompt without filler
-    haystack = Haystack(tokenizer, FLAGS.passkey_haystack) if FLAGS.passkey_haystack else None
+    haystack = Haystack(tokenizer, FLAGS.passkey_haystack) if FLAGS.passkey_haystack else ""  # no books: raises
+    needs_memory = {"knockout", "gates"} & set(tasks)
+    if cfg.attention != "infini" and needs_memory:
+        print(f"skipping {sorted(needs_memory)}: attention={cfg.attention!r} has no memory gates")
+        tasks = [t for t in tasks if t not in needs_memory]
 
-    model, info = ev.load_model(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                                init_random=FLAGS.init_random)
-    print(f"model: {info['source']} (step {info['step']}), attention={cfg.attention}, rule={cfg.rule}, "
-          f"segment_len={cfg.segment_len}, seq_len={cfg.seq_len}")
-    results = ev.run(config, model, tokenizer, tasks=tasks, split=FLAGS.split, batch_size=FLAGS.batch_size,
-                     max_docs=FLAGS.max_docs, max_batches=FLAGS.max_batches, passkey_lengths=lengths,
-                     passkey_depths=depths, passkey_trials=FLAGS.passkey_trials,
-                     chunk_segments=FLAGS.chunk_segments, prompt=FLAGS.prompt,
-                     max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                     seed=FLAGS.seed, progress=FLAGS.progress, passkey_haystack=haystack)
+    shd.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               force=FLAGS.multihost)
+    import jax
+
+    mesh = shd.make_mesh(config.mesh)
+    if {"perplexity", "knockout"} & set(tasks):
+        shd.check_divisibility(mesh, num_heads=cfg.num_heads, batch_size=FLAGS.batch_size or config.train.batch_size)
+    subject, info = evals.load_subject(config, workdir=FLAGS.workdir, checkpoint=FLAGS.checkpoint,
+                                       init_random=FLAGS.init_random, mesh=mesh)
+    subject = dataclasses.replace(subject, tokenizer=tokenizer, progress=FLAGS.progress)
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *_: None)
+    log(f"model: {info['source']} (step {info['step']}), attention={cfg.attention}, rule={cfg.rule}, "
+        f"segment_len={cfg.segment_len}, seq_len={cfg.seq_len}, mesh={dict(mesh.shape)}")
+    results = evals.run_all(evaluators_for(tasks, lengths, depths, haystack), subject, log)
+    if "perplexity" in results and "knockout" in results:
+        results["knockout_delta_loss"] = results["knockout"]["loss"] - results["perplexity"]["loss"]
+        log(f"memory knock-out raises the loss by {results['knockout_delta_loss']:+.4f} nats/token")
     results["model"] = {"source": info["source"], "step": info["step"], "config": config.model.to_dict()}
     results["split"] = FLAGS.split
+    if not is_main:
+        return 0
 
     tag = f"step_{info['step']}" if info["step"] is not None else "random_init"
     out_dir = paths.resolve(FLAGS.out_dir) if FLAGS.out_dir else \

@@ -52,7 +52,8 @@ def main(argv):
               file=sys.stderr)
         sys.exit(2)
     from infini_jax import sharding
-    from infini_jax.train import NonFiniteLossError, train_and_evaluate
+    from infini_jax.loop import train_and_evaluate
+    from infini_jax.step import NonFiniteLossError
 
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                     force=FLAGS.multihost)

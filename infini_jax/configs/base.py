@@ -93,12 +93,19 @@ def get_config(arg=None):
         context=placeholder(int),  # context parallelism: segments split over it (must divide n_segments); None: off
         tensor=1,  # tensor-parallel axis (heads and MLP width)
     )
-    config.evals = dict(  # run by train.py at the end of training
-        passkey_x=(),  # passkey digit accuracy at these multiples of the training length; (): no passkey eval
-        passkey_depths=(0.0, 0.5, 1.0),  # depths of the key line in the passkey eval
-        passkey_trials=10,  # pass keys per (length, depth) cell
-        passkey_knockout=True,  # also with the memory knocked out (every gate 0; attention='infini' only)
-        passkey_seed=12345,  # passkey eval seed
+    config.evals = dict(  # evaluators (infini_jax/evals): config.evals.<name> = dict(type=..., every=..., options)
+        passkey=dict(
+            type="passkey",  # the passkey sweep (evals/passkey_retrieval.py); run by train.py and eval.py
+            every=0,  # training steps between sweeps (and at the end); 0: only at the end of training
+            x=(),  # digit accuracy at these multiples of the training length; (): no passkey eval in training
+            lengths=(),  # and at these prompt lengths in tokens
+            depths=(0.0, 0.5, 1.0),  # depths of the key line in the passkey eval
+            trials=10,  # pass keys per (length, depth) cell
+            knockout=True,  # also with the memory knocked out (every gate 0; attention='infini' only)
+            seed=12345,  # passkey eval seed
+            chunk_segments=16,  # segments streamed through the model per step
+            haystack="",  # folder of .txt books whose prose hides the key line instead of the paper's filler
+        ),
     )
     config.lock()
     return config

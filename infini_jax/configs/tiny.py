@@ -28,5 +28,5 @@ def get_config(arg=None):
     config.train.update(steps=3000, log_every=100, eval_every=1000, ckpt_every=1000)
     config.optim.update(lr=3e-3, gate_lr=1e-2, warmup_steps=30, weight_decay=0.1)
     # evaluators run at the end of training: passkey digit accuracy at 1x, 16x and 64x the training length
-    config.evals.passkey_x = (1, 16, 64)
+    config.evals.passkey.x = (1, 16, 64)
     return config

@@ -242,3 +242,13 @@ def _trained_tokenizer(checkpoint) -> str:
     except (OSError, ValueError):  # no checkpoint there: train.py's init_from check says so
         return ""
     return str((saved.get("data") or {}).get("tokenizer") or "")
+
+
+def check_vocab(tokenizer, vocab_size: int, spec=None) -> None:
+    """The tokenizer's vocabulary must be the model's: ids past the embedding table would be silently clamped.
+    The one vocabulary check (training, eval.py, generation). `spec`: what config.data.tokenizer said."""
+    if tokenizer.vocab_size != vocab_size:
+        name = f"config.data.tokenizer {spec!r}" if spec is not None else "the tokenizer"
+        raise ValueError(f"{name} has {tokenizer.vocab_size} tokens but config.model.vocab_size is {vocab_size} "
+                         f"(vocab mismatch): set --config.model.vocab_size={tokenizer.vocab_size} (or point "
+                         f"data.tokenizer at the model's tokenizer)")

@@ -1,7 +1,8 @@
-"""BookSum-style evaluation: generate a summary of each document with bounded memory, score with ROUGE.
+"""BookSum-style evaluation (`type="summarize"`): generate a summary of each document with bounded memory,
+score with ROUGE.
 
-The document streams through the model segment by segment (generate.py), so a 500K-token book needs no
-more memory than one segment; decoding follows the paper's setting by default (temperature 0.5, top-p 0.95).
+The document streams through the model segment by segment (infini_jax/generate.py), so a 500K-token book needs
+no more memory than one segment; decoding follows the paper's setting by default (temperature 0.5, top-p 0.95).
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-
 from infini_jax.data.booksum import DEFAULT_SEPARATOR, BookSumSource, booksum_prompt, rouge_scores
+from infini_jax.evals.core import Evaluator, Subject
 from infini_jax.generate import generate
 
 
@@ -42,3 +43,15 @@ def summarize_and_score(model, tokenizer, data_cfg, *, split: str = "validation"
     scores = rouge_scores(predictions, references)
     return {"rouge": scores, "documents": n, "records": records, "seconds": time.time() - t0,
             "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+
+
+class Summarize(Evaluator):
+    """BookSum: summaries of the first `max_docs` (None: all) records of `split`, scored with ROUGE."""
+
+    type = "summarize"
+    OPTIONS = dict(split="validation", max_docs=None, max_new_tokens=1024, temperature=0.5, top_p=0.95, seed=0)
+
+    def run(self, subject: Subject, log=print) -> dict:
+        res = summarize_and_score(subject.model(), subject.tokenizer, subject.config.data, log=log, **self.options)
+        log("summarize ROUGE F1: " + ", ".join(f"{k} {v:.2f}" for k, v in res["rouge"].items()))
+        return {self.name: res}
