@@ -157,13 +157,39 @@ def lower_train_step(config, mesh):
     return step, (abstract_state, batch), count_of(abstract_state.params)
 
 
+def lower_eval_step(config, mesh):
+    """(jitted eval step, abstract (params, memory, batch, byte table), parameter count): the eval step of
+    eval.py and in-training evaluation (step.make_eval_step: the memory streamed), with the param and memory
+    shardings on `mesh`; eval batch = train.batch_size rows of seq_len tokens."""
+    from infini_jax import sharding, step
+
+    model_cfg, train, _ = step.validate_config(config, process_count=1)
+    bs = int(train["batch_size"])
+    step.check_mesh(mesh, model_cfg, bs)
+    amodel = step.abstract_model(model_cfg)
+    param_sh = sharding.param_shardings(amodel, mesh)
+    memory = jax.eval_shape(lambda: amodel.init_state(bs))
+    mem_sh = sharding.memory_shardings(mesh, memory)
+    eval_step = step.make_eval_step(step.param_graphdef(model_cfg), mesh=mesh, param_shardings=param_sh,
+                                    memory_shardings=mem_sh)
+    from flax import nnx
+
+    shapes = nnx.to_pure_dict(nnx.state(amodel, nnx.Param))
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, param_sh)
+    memory = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), memory, mem_sh)
+    table = jax.ShapeDtypeStruct((model_cfg.vocab_size,), jnp.int32, sharding=sharding.replicated(mesh))
+    batch = abstract_batch(bs, model_cfg.seq_len, mesh)
+    return eval_step, (params, memory, batch, table), count_of(params)
+
+
 def count_of(tree) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def compile_for_topology(config, topology: str, *, verbose: bool = False) -> dict:
-    """Lowers and compiles the train step of `config` for `topology` on this (CPU) host; returns the
-    per-chip memory (bytes), whether it fits the chip's HBM, and compiled vs analytical FLOPs."""
+def compile_for_topology(config, topology: str, *, step: str = "train", verbose: bool = False) -> dict:
+    """Lowers and compiles the train step (step="train") or the eval step ("eval") of `config` for
+    `topology` on this (CPU) host; returns the per-chip memory (bytes), whether it fits the chip's HBM, and
+    compiled vs analytical FLOPs (an eval step is one forward: a third of a train step's)."""
     from infini_jax import sharding
     from infini_jax.config import model_config
 
@@ -171,7 +197,9 @@ def compile_for_topology(config, topology: str, *, verbose: bool = False) -> dic
     devices, info = topology_devices(topology)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     t0 = time.perf_counter()
-    jitted, args, n_params = lower_train_step(config, mesh)
+    if step not in ("train", "eval"):
+        raise ValueError(f"step={step!r}: 'train' or 'eval'")
+    jitted, args, n_params = (lower_train_step if step == "train" else lower_eval_step)(config, mesh)
     lowered = jitted.lower(*args)
     t1 = time.perf_counter()
     compiled = lowered.compile()
@@ -193,8 +221,9 @@ def compile_for_topology(config, topology: str, *, verbose: bool = False) -> dic
         peak_bytes=int(getattr(mem, "peak_memory_in_bytes", 0) or 0),
         total_bytes=total, hbm_bytes=info["hbm_bytes"], fits=total <= info["hbm_bytes"],
         compiled_flops_per_chip=float(cost.get("flops", float("nan"))),
-        analytic_flops_per_chip=flops["train_flops"] / n,
-        analytic_flops_remat_per_chip=flops["train_flops_remat"] / n,
+        analytic_flops_per_chip=flops["train_flops"] / n / (1 if step == "train" else 3),
+        analytic_flops_remat_per_chip=flops["train_flops_remat"] / n if step == "train" else flops["train_flops"] / n / 3,
+        step=step,
         lower_seconds=t1 - t0, compile_seconds=t2 - t1,
     )
     report["flops_ratio"] = report["compiled_flops_per_chip"] / report["analytic_flops_per_chip"]
@@ -206,7 +235,8 @@ def compile_for_topology(config, topology: str, *, verbose: bool = False) -> dic
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
     return "\n".join([
-        f"{r['topology']} ({r['libtpu_name']}, {r['chips']} × {r['device_kind']}), mesh {r['mesh']}",
+        f"{r.get('step', 'train')} step on {r['topology']} ({r['libtpu_name']}, {r['chips']} × {r['device_kind']}), "
+        f"mesh {r['mesh']}",
         f"  model: {r['params'] / 1e6:.1f}M params, {r['num_layers']} layers, batch {r['batch_size']} × "
         f"{r['seq_len']} tokens, compute {r['dtype']}, remat {r['remat']}",
         f"  per chip: arguments {gib(r['argument_bytes'])}, outputs {gib(r['output_bytes'])} "
@@ -242,11 +272,13 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="section.key=value",
                         help="override a config value, e.g. --set model.num_layers=4")
     parser.add_argument("--json", default="", help="also write the report to this JSON file")
+    parser.add_argument("--step", default="train", choices=("train", "eval"),
+                        help="the train step, or the eval step of eval.py / in-training evaluation")
     a = parser.parse_args(argv)
     # Arrays of the abstract trace live on the host CPU; libtpu is used only as the compiler. (Before any
     # backend is initialised: on a CPU host JAX would otherwise probe for a TPU first.)
     jax.config.update("jax_platforms", "cpu")
-    report = compile_for_topology(load_config(a.config, a.set), a.topology)
+    report = compile_for_topology(load_config(a.config, a.set), a.topology, step=a.step)
     if a.json:  # first: the printout below may go to a closed pipe
         import json
 

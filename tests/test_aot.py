@@ -58,3 +58,13 @@ def test_tiny_compiles_for_v5e_2x2():
     assert report["argument_bytes"] >= 4 * report["params"]
     # Compiled FLOPs (per chip) vs 3 × forward of the analytical formula: same order of magnitude.
     assert 0.5 < report["flops_ratio"] < 2.5, report
+
+
+def test_tiny_eval_step_compiles_for_v5e_2x2():
+    """The eval step of eval.py and in-training evaluation (the memory streamed, sums per segment)."""
+    _libtpu_or_skip()
+    report = aot.compile_for_topology(load("tiny"), "v5e:2x2", step="eval")
+    print(aot.format_report(report))
+    assert report["step"] == "eval" and report["fits"] and report["chips"] == 4
+    assert report["argument_bytes"] >= 4 * report["params"]  # f32 params (no optimizer state)
+    assert report["alias_bytes"] > 0  # the memory is donated: updated in place

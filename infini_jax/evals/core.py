@@ -76,6 +76,11 @@ class Subject:
         nnx.replace_by_pure_dict(abstract, self.params)
         return nnx.merge(graphdef, abstract)
 
+    def on_mesh(self, mesh) -> "Subject":
+        """The same subject with its params moved into their shardings on `mesh`."""
+        params = jax.device_put(self.params, _steps(self.model_cfg, mesh, 1)["param_shardings"])
+        return dataclasses.replace(self, params=params, mesh=mesh)
+
     def knocked_out(self) -> "Subject":
         """The same subject with the memory read disabled (every gate logit -1e9; see model.knockout_params)."""
         if self.model_cfg.attention != "infini":
