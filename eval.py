@@ -1,6 +1,6 @@
-"""`python eval.py ...` in a checkout is the `infini-eval` command: infini_jax/cli/eval.py (flags: --help)."""
+"""`python eval.py ...` in a checkout is the `infini-eval` command: infini_jax/cli/infini_eval.py (flags: --help)."""
 
-from infini_jax.cli.eval import run
+from infini_jax.cli.infini_eval import run
 
 if __name__ == "__main__":
     run()

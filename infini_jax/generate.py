@@ -50,60 +50,60 @@ def _step(graphdef, params, state, token_b):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _argmax_forward(graphdef, params, tokens_bl):
-    logits_blv, _ = nnx.merge(graphdef, params)(tokens_bl)
-    return jnp.argmax(logits_blv, axis=-1)
+    logits_blV, _ = nnx.merge(graphdef, params)(tokens_bl)
+    return jnp.argmax(logits_blV, axis=-1)
 
 
-def sample_logits(logits_bv: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
+def sample_logits(logits_bV: jax.Array, key: jax.Array, temperature: float, top_p: float) -> jax.Array:
     """Temperature / nucleus sampling of one token per row, [B] int32. temperature <= 0 → argmax."""
     if temperature <= 0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    logits_bv = logits_bv.astype(jnp.float32) / temperature
+        return jnp.argmax(logits_bV, axis=-1).astype(jnp.int32)
+    logits_bV = logits_bV.astype(jnp.float32) / temperature
     if top_p < 1.0:
-        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
-        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-        before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv  # mass of strictly better tokens
-        keep_bv = before_bv < top_p  # the top token is always kept
-        cutoff_b = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1)
-        logits_bv = jnp.where(logits_bv >= cutoff_b[:, None], logits_bv, -jnp.inf)
-    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+        sorted_bV = jnp.sort(logits_bV, axis=-1)[:, ::-1]
+        probs_bV = jax.nn.softmax(sorted_bV, axis=-1)
+        before_bV = jnp.cumsum(probs_bV, axis=-1) - probs_bV  # mass of strictly better tokens
+        keep_bV = before_bV < top_p  # the top token is always kept
+        cutoff_b = jnp.min(jnp.where(keep_bV, sorted_bV, jnp.inf), axis=-1)
+        logits_bV = jnp.where(logits_bV >= cutoff_b[:, None], logits_bV, -jnp.inf)
+    return jax.random.categorical(key, logits_bV, axis=-1).astype(jnp.int32)
 
 
 def prefill(model: InfiniTransformer, prompt_ids, *, chunk_segments: int = 16, pad_id: int = 0,
             progress: bool = False) -> tuple[jax.Array, decode.DecodeState]:
-    """Reads a prompt ([T] or [B, T] ints, T >= 1; rows share T) with bounded memory.
+    """Reads a prompt ([l] or [b, l] ints, l >= 1; rows share l) with bounded memory.
 
-    Returns (float32 logits [B, V] of the token after the prompt, the DecodeState after it)."""
+    Returns (float32 logits [b, V] of the token after the prompt, the DecodeState after it)."""
     cfg = model.cfg
     decode.check_streamable(cfg)
-    prompt_BT = np.atleast_2d(np.asarray(prompt_ids, np.int32))
-    B, T = prompt_BT.shape
-    if T < 1:
+    prompt_bl = np.atleast_2d(np.asarray(prompt_ids, np.int32))
+    b, l = prompt_bl.shape
+    if l < 1:
         raise ValueError("the prompt needs at least one token (e.g. the tokenizer's bos_id)")
-    S = cfg.segment_len
+    n = cfg.segment_len
     graphdef, params = nnx.split(model)
-    state = model.init_state(B)
-    n_full = (T - 1) // S  # whole segments through the model; 1..S prompt tokens go to the KV cache
+    state = model.init_state(b)
+    n_full = (l - 1) // n  # whole segments through the model; 1..n prompt tokens go to the KV cache
     k = max(1, int(chunk_segments))
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=T, desc="prefill", unit="tok", unit_scale=True)
+        bar = tqdm(total=l, desc="prefill", unit="tok", unit_scale=True)
     s = 0
     while s < n_full:
         take = k if n_full - s >= k else 1  # two compiled shapes only
-        state = _advance(graphdef, params, state, jnp.asarray(prompt_BT[:, s * S:(s + take) * S]))
+        state = _advance(graphdef, params, state, jnp.asarray(prompt_bl[:, s * n:(s + take) * n]))
         s += take
         if bar is not None:
-            bar.update(take * S)
-    tail_BS = np.full((B, S), pad_id, np.int32)
-    n_tail = T - n_full * S
-    tail_BS[:, :n_tail] = prompt_BT[:, n_full * S:]
-    logits_BV, dstate = _prefill_tail(graphdef, params, state, jnp.asarray(tail_BS), jnp.int32(n_tail))
+            bar.update(take * n)
+    tail_bn = np.full((b, n), pad_id, np.int32)
+    n_tail = l - n_full * n
+    tail_bn[:, :n_tail] = prompt_bl[:, n_full * n:]
+    logits_bV, dstate = _prefill_tail(graphdef, params, state, jnp.asarray(tail_bn), jnp.int32(n_tail))
     if bar is not None:
         bar.update(n_tail)
         bar.close()
-    return logits_BV, dstate
+    return logits_bV, dstate
 
 
 def decode_step(model: InfiniTransformer, state: decode.DecodeState, token_ids) -> tuple[jax.Array, decode.DecodeState]:
@@ -114,45 +114,45 @@ def decode_step(model: InfiniTransformer, state: decode.DecodeState, token_ids) 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
-def _decode_loop(graphdef, params, state, logits_bv, key, n, temperature, top_p, eos_id, return_logits):
-    """n tokens in one jax.lax.while_loop: token i is sampled from logits_i with fold_in(key, i), then fed.
-    Returns (tokens [B, n], how many were emitted, logits [B, n, V] or None)."""
+def _decode_loop(graphdef, params, state, logits_bV, key, t, temperature, top_p, eos_id, return_logits):
+    """t new tokens in one jax.lax.while_loop: token i is sampled from logits_i with fold_in(key, i), then fed.
+    Returns (tokens [b, t], how many were emitted, logits [b, t, V] or None)."""
     model = nnx.merge(graphdef, params)
-    b, v = logits_bv.shape
+    b, vocab = logits_bV.shape
 
-    def pick(i, logits_bv, done_b, out_bn, lg_bnv):
-        token_b = sample_logits(logits_bv, jax.random.fold_in(key, i), temperature, top_p)
+    def pick(i, logits_bV, done_b, out_bt, lg_btV):
+        token_b = sample_logits(logits_bV, jax.random.fold_in(key, i), temperature, top_p)
         if eos_id is not None:  # a row that emitted eos keeps emitting it
             token_b = jnp.where(done_b, eos_id, token_b)
             done_b = done_b | (token_b == eos_id)
-        out_bn = jax.lax.dynamic_update_index_in_dim(out_bn, token_b, i, axis=1)
+        out_bt = jax.lax.dynamic_update_index_in_dim(out_bt, token_b, i, axis=1)
         if return_logits:
-            lg_bnv = jax.lax.dynamic_update_index_in_dim(lg_bnv, logits_bv, i, axis=1)
-        return token_b, done_b, out_bn, lg_bnv
+            lg_btV = jax.lax.dynamic_update_index_in_dim(lg_btV, logits_bV, i, axis=1)
+        return token_b, done_b, out_bt, lg_btV
 
-    lg_bnv = jnp.zeros((b, n, v), jnp.float32) if return_logits else None
-    first = pick(0, logits_bv, jnp.zeros((b,), bool), jnp.zeros((b, n), jnp.int32), lg_bnv)
+    lg_btV = jnp.zeros((b, t, vocab), jnp.float32) if return_logits else None
+    first = pick(0, logits_bV, jnp.zeros((b,), bool), jnp.zeros((b, t), jnp.int32), lg_btV)
 
     def cond(carry):
         i, _, _, done_b, _, _ = carry
-        return (i < n) & ~jnp.all(done_b)
+        return (i < t) & ~jnp.all(done_b)
 
     def body(carry):
-        i, state, token_b, done_b, out_bn, lg_bnv = carry
-        logits_bv, state = decode.forward(model, state, token_b[:, None], 1)
-        return (i + 1, state) + pick(i, logits_bv, done_b, out_bn, lg_bnv)
+        i, state, token_b, done_b, out_bt, lg_btV = carry
+        logits_bV, state = decode.forward(model, state, token_b[:, None], 1)
+        return (i + 1, state) + pick(i, logits_bV, done_b, out_bt, lg_btV)
 
-    i, _, _, _, out_bn, lg_bnv = jax.lax.while_loop(cond, body, (jnp.int32(1), state) + first)
-    return out_bn, i, lg_bnv
+    i, _, _, _, out_bt, lg_btV = jax.lax.while_loop(cond, body, (jnp.int32(1), state) + first)
+    return out_bt, i, lg_btV
 
 
 def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None, pad_id: int = 0,
              chunk_segments: int = 16, return_logits: bool = False, progress: bool = False):
-    """Continues `prompt_ids` ([T] or [B, T] ints, T >= 1; rows share T) by `max_new_tokens` tokens.
+    """Continues `prompt_ids` ([l] or [b, l] ints, l >= 1; rows share l) by t = `max_new_tokens` tokens.
 
-    Returns int32 [B, max_new_tokens] (or [max_new_tokens] for a 1-D prompt); with return_logits also the
-    float32 logits [B, n, V] each token was chosen from. After a row emits eos_id it keeps emitting eos_id;
+    Returns int32 [b, t] (or [t] for a 1-D prompt); with return_logits also the
+    float32 logits [b, t, V] each token was chosen from. After a row emits eos_id it keeps emitting eos_id;
     decoding stops early once every row has. Same seed and settings → same tokens. `progress`: a bar over the
     prompt's prefill (the new tokens come from one compiled loop).
     """
@@ -160,14 +160,14 @@ def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, *, tempe
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     squeeze = np.ndim(prompt_ids) == 1
-    logits_BV, state = prefill(model, prompt_ids, chunk_segments=chunk_segments, pad_id=pad_id, progress=progress)
-    B, V = logits_BV.shape
-    n = int(max_new_tokens)
-    if n <= 0:
-        out, logits = np.zeros((B, 0), np.int32), np.zeros((B, 0, V), np.float32)
+    logits_bV, state = prefill(model, prompt_ids, chunk_segments=chunk_segments, pad_id=pad_id, progress=progress)
+    b, vocab = logits_bV.shape
+    t = int(max_new_tokens)
+    if t <= 0:
+        out, logits = np.zeros((b, 0), np.int32), np.zeros((b, 0, vocab), np.float32)
     else:
         graphdef, params = nnx.split(model)
-        out, count, logits = _decode_loop(graphdef, params, state, logits_BV, jax.random.PRNGKey(seed), n,
+        out, count, logits = _decode_loop(graphdef, params, state, logits_bV, jax.random.PRNGKey(seed), t,
                                           float(temperature), float(top_p), eos_id, bool(return_logits))
         count = int(count)
         out = np.asarray(out)[:, :count]
@@ -185,9 +185,9 @@ def generate_text(model: InfiniTransformer, tokenizer, prompt: str, max_new_toke
 
     check_vocab(tokenizer, model.cfg.vocab_size)
     ids = ([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(prompt))
-    out_N = generate(model, np.asarray(ids, np.int32), max_new_tokens, pad_id=tokenizer.pad_id,
+    out_t = generate(model, np.asarray(ids, np.int32), max_new_tokens, pad_id=tokenizer.pad_id,
                      eos_id=tokenizer.eos_id if stop_at_eos else None, **kw)
-    ids_out = [int(t) for t in out_N]
+    ids_out = [int(t) for t in out_t]
     if stop_at_eos and tokenizer.eos_id in ids_out:
         ids_out = ids_out[:ids_out.index(tokenizer.eos_id)]
     return tokenizer.decode(ids_out)
@@ -195,12 +195,12 @@ def generate_text(model: InfiniTransformer, tokenizer, prompt: str, max_new_toke
 
 def teacher_forced_argmax(model: InfiniTransformer, ids: Sequence[int] | np.ndarray, pad_id: int = 0) -> np.ndarray:
     """Argmax next-token predictions of one forward over the whole sequence (padded to whole segments);
-    used to check decoding. [B, T] or [T] → same shape."""
-    ids_BT = np.atleast_2d(np.asarray(ids, np.int32))
-    S = model.cfg.segment_len
-    T = ids_BT.shape[1]
-    padded = np.full((ids_BT.shape[0], -(-T // S) * S), pad_id, np.int32)
-    padded[:, :T] = ids_BT
+    used to check decoding. [b, l] or [l] → same shape."""
+    ids_bl = np.atleast_2d(np.asarray(ids, np.int32))
+    n = model.cfg.segment_len
+    l = ids_bl.shape[1]
+    padded_bl = np.full((ids_bl.shape[0], -(-l // n) * n), pad_id, np.int32)
+    padded_bl[:, :l] = ids_bl
     graphdef, params = nnx.split(model)
-    pred = np.asarray(_argmax_forward(graphdef, params, jnp.asarray(padded)))[:, :T]
+    pred = np.asarray(_argmax_forward(graphdef, params, jnp.asarray(padded_bl)))[:, :l]
     return pred[0] if np.ndim(ids) == 1 else pred

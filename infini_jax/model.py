@@ -151,7 +151,7 @@ class Attention(nnx.Module):
         wk_dgk, wv_dgk = self.wk_dgk[...].astype(dt), self.wv_dgk[...].astype(dt)
         q_blhk = jnp.einsum("bld,dhk->blhk", x, self.wq_dhk[...].astype(dt))  # [B,L,D] x [D,H,K]
         k_blgk = jnp.einsum("bld,dgk->blgk", x, wk_dgk)  # [B,L,D] x [D,G,K]
-        v_blgk = jnp.einsum("bld,dgk->blgk", x, wv_dgk)
+        v_blgk = jnp.einsum("bld,dgk->blgk", x, wv_dgk)  # [B,L,D] x [D,G,K]
         if cfg.attention == "infini":
             state = attn.reset_memory(state, reset_b)
             out_blhk, state = context.infini_attention_sequence(  # split over the context axis if any
@@ -162,7 +162,7 @@ class Attention(nnx.Module):
             state = attn.reset_xl_cache(state, reset_b)
             xp_bld = attn.xl_previous_inputs(x, state, cfg.segment_len)
             kp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wk_dgk)  # [B,L,D] x [D,G,K]
-            vp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wv_dgk)
+            vp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wv_dgk)  # [B,L,D] x [D,G,K]
             out_blhk = attn.xl_attention_sequence(q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, state.valid,
                                                   segment_len=cfg.segment_len, rope_base=cfg.rope)
             state = attn.XLCache(x=x[:, -cfg.segment_len:].astype(state.x.dtype), valid=jnp.ones_like(state.valid))
@@ -321,15 +321,16 @@ class InfiniTransformer(nnx.Module):
 ACT_AXES = ("batch", "length", "act_embed")
 
 
-def logits_from_hidden(x_bld: jax.Array, w_dv: jax.Array, dtype: str) -> jax.Array:
+def logits_from_hidden(x_bld: jax.Array, w_dV: jax.Array, dtype: str) -> jax.Array:
     """[B, L, D] x [D, V] -> [B, L, V] logits, computed in `dtype` and accumulated in float32.
 
     A function of its own so that the loss can apply it chunk by chunk (train.py never builds the whole
     [B, L, V] logits of a long input).
     """
     dt = jnp.dtype(dtype)
-    logits_blv = jnp.einsum("bld,dv->blv", x_bld.astype(dt), w_dv.astype(dt), preferred_element_type=jnp.float32)
-    return constrain(logits_blv, ("batch", "length", "vocab"))
+    logits_blV = jnp.einsum("bld,dv->blv", x_bld.astype(dt), w_dV.astype(dt),  # [B,L,D] x [D,V]
+                            preferred_element_type=jnp.float32)
+    return constrain(logits_blV, ("batch", "length", "vocab"))
 
 
 GATE_PARAM = "gate_logit"  # Infini-attention's β, one per query head: [heads], or [layers, heads] stacked

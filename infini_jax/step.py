@@ -148,7 +148,7 @@ def token_losses(graphdef, params, batch, memory=None):
     {tokens, targets, loss_mask [b, l], reset [b], optional write_scale [b, s]} (see the module docstring)."""
     model = nnx.merge(graphdef, params)
     x_bld, memory = model.hidden(batch["tokens"], memory, batch["reset"], batch.get("write_scale"))
-    w_dv, dtype = model.output_embedding(), model.cfg.dtype
+    w_dV, dtype = model.output_embedding(), model.cfg.dtype
     b, l, _ = x_bld.shape
     parts = active_axis("length")[1]  # context parallelism: each device takes the loss of its own part
     parts = parts if l % parts == 0 else 1
@@ -166,9 +166,9 @@ def token_losses(graphdef, params, batch, memory=None):
     @jax.checkpoint
     def body(_, xs):
         x_bcd, targets_bc, mask_bc = xs
-        logits_bcv = logits_from_hidden(x_bcd, w_dv, dtype)
-        nll_bc = optax.softmax_cross_entropy_with_integer_labels(logits_bcv, targets_bc)
-        correct_bc = (jnp.argmax(logits_bcv, -1) == targets_bc).astype(jnp.float32)
+        logits_bcV = logits_from_hidden(x_bcd, w_dV, dtype)
+        nll_bc = optax.softmax_cross_entropy_with_integer_labels(logits_bcV, targets_bc)
+        correct_bc = (jnp.argmax(logits_bcV, -1) == targets_bc).astype(jnp.float32)
         return None, (nll_bc * mask_bc, correct_bc * mask_bc)
 
     mask_bl = batch["loss_mask"].astype(jnp.float32)
@@ -185,15 +185,15 @@ def loss_sums(graphdef, params, batch, memory=None):
     return sums, memory
 
 
-def segment_sums(graphdef, params, batch, memory, byte_table_v):
+def segment_sums(graphdef, params, batch, memory, byte_table_V):
     """Per row and segment [b, s] sums of NLL, scored tokens, correct argmax and target bytes (the
-    per-segment-position curve and bits per byte); and the new memory. byte_table_v: int32 [V]."""
+    per-segment-position curve and bits per byte); and the new memory. byte_table_V: int32 [V]."""
     tok, memory = token_losses(graphdef, params, batch, memory)
     seg = nnx.merge(graphdef, params).cfg.segment_len
     b, l = batch["tokens"].shape
     n_seg = l // seg if l % seg == 0 else 1  # attention='full' may score the window as one segment
     mask_bl = batch["loss_mask"].astype(jnp.float32)
-    bytes_bl = byte_table_v[batch["targets"]].astype(jnp.float32) * mask_bl
+    bytes_bl = byte_table_V[batch["targets"]].astype(jnp.float32) * mask_bl
 
     def per_segment(x_bl):
         return x_bl.reshape(b, n_seg, l // n_seg).sum(-1)
@@ -257,14 +257,14 @@ def make_train_step(graphdef, tx, lr_fn: Callable, *, mesh, state_shardings, gra
 
 
 def make_eval_step(graphdef, *, mesh, param_shardings, memory_shardings):
-    """`(params, memory, batch, byte_table_v) -> (sums [b, s] + the batch's reset [b], memory)` (segment_sums),
+    """`(params, memory, batch, byte_table_V) -> (sums [b, s] + the batch's reset [b], memory)` (segment_sums),
     the sums replicated (every process reads the whole batch's), the memory donated: it streams from batch to
     batch."""
     batch_sh, repl = shd.batch_sharding(mesh, 2), shd.replicated(mesh)
 
-    def eval_step(params, memory, batch, byte_table_v):
+    def eval_step(params, memory, batch, byte_table_V):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            sums_bs, memory = segment_sums(graphdef, params, batch, memory, byte_table_v)
+            sums_bs, memory = segment_sums(graphdef, params, batch, memory, byte_table_V)
         return {**sums_bs, "reset": batch["reset"]}, memory
 
     return jax.jit(eval_step, in_shardings=(param_shardings, memory_shardings, batch_sh, repl),

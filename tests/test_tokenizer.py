@@ -1,4 +1,4 @@
-"""Tokenizers: byte tokenizer, SentencePiece loading, `python -m infini_jax.tokenizer train`."""
+"""Tokenizers: byte tokenizer, SentencePiece loading, `infini-tokenizer train`."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 from _shared import CORPUS, REPO, mistral_model, needs_corpus  # noqa: F401
 
 from infini_jax.data import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
-from infini_jax.tokenizer import main as tokenizer_main
+from infini_jax.cli.infini_tokenizer import main as tokenizer_main
 
 
 
@@ -73,7 +73,7 @@ def test_train_sentencepiece_cli(tmp_path):
     prefix = tmp_path / "out" / "sp"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "infini_jax.tokenizer", "train", "--input", str(src), "--vocab_size", "400",
+        [sys.executable, "-m", "infini_jax.cli.infini_tokenizer", "train", "--input", str(src), "--vocab_size", "400",
          "--output", str(prefix)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     tok = load_tokenizer(str(prefix) + ".model")

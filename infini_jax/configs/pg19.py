@@ -12,7 +12,7 @@ RoPE on the local path, bfloat16 compute with float32 parameters, remat per bloc
 
 Args (comma-separated key=value after the colon):
     rule=linear|delta, attention=infini|xl|local|full, mode=scan|parallel.
-data.tokenizer must be set to the 32K SentencePiece model (`python -m infini_jax.tokenizer train ...`).
+data.tokenizer must be set to the 32K SentencePiece model (`infini-tokenizer train ...`).
 Memory per sequence (Table 1): num_layers × num_heads × head_dim × (head_dim + 1) = 12·8·128·129 ≈ 1.6M.
 """
 

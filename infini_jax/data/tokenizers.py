@@ -1,5 +1,13 @@
 """Tokenizers: a byte-level tokenizer, a SentencePiece wrapper and a Hugging Face tokenizer.json wrapper with
-one interface.
+one interface; the one vocabulary check; training a SentencePiece model (`infini-tokenizer train`, or
+`python -m infini_jax.cli.infini_tokenizer train`: infini_jax/cli/infini_tokenizer.py).
+
+SentencePiece training (`train_sentencepiece`) writes PREFIX.model / PREFIX.vocab. Inputs: files, or folders
+searched recursively for .txt/.tex/.md (one sentence per line, as SentencePiece reads them) and .jsonl (field
+text_field). Point it at a *train* folder so validation/test text does not leak into the vocabulary. Ids:
+0 = pad, 1 = bos, 2 = eos, 3 = unk (like ByteTokenizer for the first three); identity normalisation,
+whitespace kept, byte fallback on (newlines become byte pieces), digits split: decode(encode(text)) == text for
+any UTF-8 text.
 
 Interface (CONTRACT.md): vocab_size, pad_id, bos_id, eos_id, encode(str) -> list[int], decode(list[int]) -> str.
 Extras used by the data pipelines: encode_np(str) -> int32 array (fast path for whole books) and
@@ -12,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -62,7 +72,7 @@ class SentencePieceTokenizer:
         if not gpath.is_file():
             raise ValueError(
                 f"tokenizer model file not found: {path!r}. Set config.data.tokenizer to 'byte' or to the "
-                "path of a SentencePiece .model file (train one with `python -m infini_jax.tokenizer train`)."
+                "path of a SentencePiece .model file (train one with `infini-tokenizer train`)."
             )
         self.path = path
         self._sp = spm.SentencePieceProcessor()
@@ -205,7 +215,7 @@ def load_tokenizer(spec) -> Tokenizer:
         return ByteTokenizer()
     if isinstance(spec, str) and not spec.strip():
         raise ValueError("config.data.tokenizer is empty: set it to 'byte', a SentencePiece .model file (train one "
-                         "with `python -m infini_jax.tokenizer train`) or a Hugging Face tokenizer directory / "
+                         "with `infini-tokenizer train`) or a Hugging Face tokenizer directory / "
                          "tokenizer.json (or start from --config.train.init_from=hf:DIR, whose tokenizer is used)")
     if hasattr(spec, "encode") and hasattr(spec, "decode") and not isinstance(spec, (str, bytes)):
         return spec
@@ -252,3 +262,62 @@ def check_vocab(tokenizer, vocab_size: int, spec=None) -> None:
         raise ValueError(f"{name} has {tokenizer.vocab_size} tokens but config.model.vocab_size is {vocab_size} "
                          f"(vocab mismatch): set --config.model.vocab_size={tokenizer.vocab_size} (or point "
                          f"data.tokenizer at the model's tokenizer)")
+
+
+# --------------------------------------------------------------------------- training a SentencePiece model
+
+TEXT_EXTS = (".txt", ".tex", ".md")
+
+
+def collect_files(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(os.path.expanduser(item))
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_EXTS + (".jsonl",))
+            if not found:
+                raise ValueError(f"no .txt/.tex/.md/.jsonl files under {str(path)!r}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"tokenizer training input {str(path)!r} does not exist")
+    if not files:
+        raise ValueError("no tokenizer training input given")
+    return files
+
+
+def train_sentencepiece(inputs: list[str], vocab_size: int, output: str, *, model_type: str = "unigram",
+                        text_field: str = "text", character_coverage: float = 0.9995,
+                        input_sentence_size: int = 2_000_000, max_sentence_length: int = 16384,
+                        num_threads: int | None = None) -> str:
+    """Train a SentencePiece model on the inputs; returns the path of the .model file."""
+    import sentencepiece as spm
+
+    files = collect_files(inputs)
+    out = Path(os.path.expanduser(output))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_files = []
+        for i, path in enumerate(files):
+            if path.suffix.lower() == ".jsonl":  # extract the text field into a plain file
+                plain = Path(tmp) / f"{i}.txt"
+                with open(path, encoding="utf-8") as src, open(plain, "w", encoding="utf-8") as dst:
+                    for line in src:
+                        if line.strip():
+                            dst.write(json.loads(line)[text_field] + "\n")
+                train_files.append(str(plain))
+            else:
+                train_files.append(str(path))
+        spm.SentencePieceTrainer.Train(
+            input=train_files, model_prefix=str(out), vocab_size=int(vocab_size), model_type=model_type,
+            character_coverage=character_coverage, byte_fallback=True,
+            # lossless for language modelling: keep newlines (byte fallback) and runs of spaces, digits split
+            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+            allow_whitespace_only_pieces=True,
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            input_sentence_size=int(input_sentence_size), shuffle_input_sentence=True,
+            max_sentence_length=int(max_sentence_length), num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    return str(out) + ".model"

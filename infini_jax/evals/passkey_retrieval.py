@@ -51,33 +51,33 @@ def passkey_length(model_or_subject, tokenizer, length: int, depths: Sequence[fl
     r = len(rows)
     r_pad = -(-r // subject.rows_multiple) * subject.rows_multiple  # padding rows: copies of row 0, ignored
     first, last = a0 - 1, a0 + n_ans - 2  # positions whose next-token prediction is an answer token
-    answers_ra = np.stack([s.answer_ids for s in streams]).astype(np.int32)
-    digits_ra = np.array([[any(ch.isdigit() for ch in tokenizer.decode([int(t)])) for t in row] for row in answers_ra])
+    answers_RA = np.stack([s.answer_ids for s in streams]).astype(np.int32)
+    digits_RA = np.array([[any(ch.isdigit() for ch in tokenizer.decode([int(t)])) for t in row] for row in answers_RA])
     steps = subject.steps(r_pad)
     memory = steps["init_memory"]()
-    match_ra = np.zeros((r, n_ans), bool)
-    nll_r = np.zeros(r)
+    match_RA = np.zeros((r, n_ans), bool)
+    nll_R = np.zeros(r)
     bar = progress_bar(progress, total=-(-total // c), desc=f"passkey {length}", unit="chunk")
     t0 = time.time()
     for i, chunks in enumerate(zip(*streams)):
         start = i * c
-        tokens_rc = np.full((r_pad, c), tokenizer.pad_id, np.int32)
+        tokens_RC = np.full((r_pad, c), tokenizer.pad_id, np.int32)
         for row, chunk in enumerate(chunks):
-            tokens_rc[row, :len(chunk)] = chunk
-        tokens_rc[r:] = tokens_rc[0]
+            tokens_RC[row, :len(chunk)] = chunk
+        tokens_RC[r:] = tokens_RC[0]
         lo, hi = max(first, start), min(last, start + c - 1)
-        targets_rc = np.zeros((r_pad, c), np.int32)
-        weight_rc = np.zeros((r_pad, c), np.float32)
+        targets_RC = np.zeros((r_pad, c), np.int32)
+        weight_RC = np.zeros((r_pad, c), np.float32)
         if lo <= hi:
-            targets_rc[:r, lo - start:hi - start + 1] = answers_ra[:, lo - first:hi - first + 1]
-            weight_rc[:r, lo - start:hi - start + 1] = 1.0
-        batch = global_rows(dict(tokens=tokens_rc, targets=targets_rc, loss_mask=weight_rc,
+            targets_RC[:r, lo - start:hi - start + 1] = answers_RA[:, lo - first:hi - first + 1]
+            weight_RC[:r, lo - start:hi - start + 1] = 1.0
+        batch = global_rows(dict(tokens=tokens_RC, targets=targets_RC, loss_mask=weight_RC,
                                  reset=np.zeros(r_pad, bool)), subject.mesh)
         losses, memory = answer_losses(steps, subject.params, memory, batch)
         if lo <= hi:  # only these positions leave the device
             got = jax.device_get(losses)
-            match_ra[:, lo - first:hi - first + 1] = got["correct"][:r, lo - start:hi - start + 1] > 0
-            nll_r += np.asarray(got["nll"][:r], np.float64).sum(1)
+            match_RA[:, lo - first:hi - first + 1] = got["correct"][:r, lo - start:hi - start + 1] > 0
+            nll_R += np.asarray(got["nll"][:r], np.float64).sum(1)
         if bar is not None:
             bar.update(1)
     jax.block_until_ready(memory)
@@ -87,11 +87,11 @@ def passkey_length(model_or_subject, tokenizer, length: int, depths: Sequence[fl
     out = []
     for d in depths:
         idx = [i for i, (dd, _) in enumerate(rows) if dd == d]
-        match = match_ra[idx]
+        match = match_RA[idx]
         out.append({"length": int(length), "tokens": int(total), "depth": float(d), "trials": int(trials),
                     "token_accuracy": float(match.mean()), "exact_match": float(match.all(1).mean()),
-                    "digit_accuracy": float(match[digits_ra[idx]].mean()),
-                    "answer_nll": float(nll_r[idx].mean() / n_ans), "seconds": seconds,
+                    "digit_accuracy": float(match[digits_RA[idx]].mean()),
+                    "answer_nll": float(nll_R[idx].mean() / n_ans), "seconds": seconds,
                     "passkeys": [streams[i].passkey for i in idx]})
     return out
 

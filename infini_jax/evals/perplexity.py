@@ -40,11 +40,11 @@ LOSS_CLAMP = 700.0  # exp(700) is finite in float64: perplexity of a diverged mo
 def byte_length_table(tokenizer, vocab_size: Optional[int] = None) -> np.ndarray:
     """int32 [V]: UTF-8 bytes each token id stands for (see the module docstring)."""
     vocab = int(vocab_size or tokenizer.vocab_size)
-    table_v = np.zeros(vocab, np.int32)
+    table_V = np.zeros(vocab, np.int32)
     if hasattr(tokenizer, "token_bytes"):  # a tokenizer may define its own table
         given = np.asarray(tokenizer.token_bytes(), np.int32)
-        table_v[:len(given)] = given[:vocab]
-        return table_v
+        table_V[:len(given)] = given[:vocab]
+        return table_V
     sp = getattr(tokenizer, "_sp", None)
     if sp is not None:
         for i in range(min(vocab, sp.GetPieceSize())):
@@ -52,14 +52,14 @@ def byte_length_table(tokenizer, vocab_size: Optional[int] = None) -> np.ndarray
                 continue
             piece = sp.IdToPiece(i)
             if sp.IsByte(i) or (piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6):
-                table_v[i] = 1
+                table_V[i] = 1
             else:
-                table_v[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-        return table_v
+                table_V[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        return table_V
     offset = getattr(tokenizer, "offset", None)
     if offset is not None:  # ByteTokenizer: byte b -> b + offset
-        table_v[offset:min(vocab, offset + 256)] = 1
-        return table_v
+        table_V[offset:min(vocab, offset + 256)] = 1
+        return table_V
     raise ValueError(f"cannot derive bytes per token for {tokenizer!r}; pass byte_table=")
 
 
@@ -162,10 +162,10 @@ def evaluate_perplexity(model_or_subject, batches: Iterable[dict], *, tokenizer=
     if byte_table is None and tokenizer is not None and tokenizer.vocab_size == cfg.vocab_size:
         byte_table = byte_length_table(tokenizer, cfg.vocab_size)
     has_bytes = byte_table is not None
-    table_v = np.asarray(byte_table if has_bytes else np.zeros(cfg.vocab_size), np.int32)
-    if table_v.shape != (cfg.vocab_size,):
-        raise ValueError(f"byte_table has shape {table_v.shape}, the model vocab is {cfg.vocab_size}")
-    table_v = jax.device_put(jnp.asarray(table_v), shd.replicated(mesh))
+    table_V = np.asarray(byte_table if has_bytes else np.zeros(cfg.vocab_size), np.int32)
+    if table_V.shape != (cfg.vocab_size,):
+        raise ValueError(f"byte_table has shape {table_V.shape}, the model vocab is {cfg.vocab_size}")
+    table_V = jax.device_put(jnp.asarray(table_V), shd.replicated(mesh))
     totals, memory, steps = _Totals(), None, None
     bar = progress_bar(progress, total=max_batches, desc=desc, unit="batch")
     for local in same_count_everywhere(batches):
@@ -179,7 +179,7 @@ def evaluate_perplexity(model_or_subject, batches: Iterable[dict], *, tokenizer=
             shd.check_divisibility(mesh, num_heads=cfg.num_heads, batch_size=b)
             steps = subject.steps(b)
             memory = steps["init_memory"]()
-        sums, memory = steps["eval"](subject.params, memory, batch, table_v)
+        sums, memory = steps["eval"](subject.params, memory, batch, table_V)
         totals.add(jax.device_get(sums))
         if bar is not None:
             bar.update(1)

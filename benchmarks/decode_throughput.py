@@ -1,6 +1,6 @@
 """Streaming decode: prefill and generation tokens/s, and peak RSS at a short vs a very long prompt.
 
-    python benchmarks/decode.py [--lengths 16384,1048576] [--new_tokens 2048] [--repeats 3] [--chunk_segments 64]
+    python benchmarks/decode_throughput.py [--lengths 16384,1048576] [--new_tokens 2048] [--repeats 3] [--chunk_segments 64]
         [--attention infini] [--rule linear] [--batch 1] [--d_model 64] [--layers 2] [--heads 4] [--head_dim 16]
         [--d_ff 256] [--segment 32] [--vocab 259]
 

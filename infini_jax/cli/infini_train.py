@@ -19,14 +19,12 @@ import sys
 
 from absl import app, flags
 
+from infini_jax.cli import define_multihost_flags, start_processes
 from infini_jax.config import define_config_flag, run_cli
 
 define_config_flag("NAME[:arg] of a shipped config (tiny, pg19:rule=delta, ...) or path/to/config.py[:arg]")
 flags.DEFINE_string("workdir", None, "Output directory: checkpoints/, metrics.jsonl, tb/, eval_results.json.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (auto-detected coordinator).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
-flags.DEFINE_integer("process_id", None, "This process's id (multi-process).")
+define_multihost_flags(__name__)
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar (process 0).")
 flags.DEFINE_bool("compile_only", False, "Compile the real train step for --topology ahead of time, print "
                   "per-chip memory and FLOPs, and exit (no training; needs libtpu).")
@@ -51,12 +49,10 @@ def main(argv):
         print("error: --workdir is required (a local folder or gs://bucket/run), unless --compile_only",
               file=sys.stderr)
         sys.exit(2)
-    from infini_jax import sharding
     from infini_jax.loop import train_and_evaluate
     from infini_jax.step import NonFiniteLossError
 
-    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                                    force=FLAGS.multihost)
+    start_processes()
     import jax
 
     from absl import logging as absl_logging

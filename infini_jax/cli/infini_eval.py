@@ -20,6 +20,7 @@ import sys
 
 from absl import app, flags
 
+from infini_jax.cli import define_multihost_flags, start_processes
 from infini_jax.config import define_config_flag, run_cli
 
 define_config_flag("NAME[:arg] of a shipped config or path/to/config.py[:arg] (must describe the checkpoint's "
@@ -46,10 +47,7 @@ flags.DEFINE_float("temperature", 0.0, "0 = greedy; the paper's BookSum decoding
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("seed", 0, "Passkey and sampling seed.")
 flags.DEFINE_bool("progress", True, "tqdm progress bars.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (auto-detected coordinator).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
-flags.DEFINE_integer("process_id", None, "This process's id (multi-process).")
+define_multihost_flags(__name__)
 FLAGS = flags.FLAGS
 
 
@@ -144,8 +142,7 @@ def _main() -> int:
         print(f"skipping {sorted(needs_memory)}: attention={cfg.attention!r} has no memory gates")
         tasks = [t for t in tasks if t not in needs_memory]
 
-    shd.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                               force=FLAGS.multihost)
+    start_processes()
     import jax
 
     mesh = shd.make_mesh(config.mesh)
