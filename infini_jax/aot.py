@@ -222,7 +222,7 @@ def compile_for_topology(config, topology: str, *, step: str = "train", verbose:
         total_bytes=total, hbm_bytes=info["hbm_bytes"], fits=total <= info["hbm_bytes"],
         compiled_flops_per_chip=float(cost.get("flops", float("nan"))),
         analytic_flops_per_chip=flops["train_flops"] / n / (1 if step == "train" else 3),
-        analytic_flops_remat_per_chip=flops["train_flops_remat"] / n if step == "train" else flops["train_flops"] / n / 3,
+        analytic_flops_remat_per_chip=(flops["train_flops_remat"] if step == "train" else flops["train_flops"] / 3) / n,
         step=step,
         lower_seconds=t1 - t0, compile_seconds=t2 - t1,
     )

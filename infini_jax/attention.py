@@ -42,10 +42,12 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from infini_jax.prefix import (DENOM_EPS, MEMORY_PRECISION, compose, delta_transitions,  # noqa: F401
+                               exclusive_cumsum, segment_writes)
+from infini_jax.rope import apply_rope
+
 RULES = ("linear", "delta")
 MODES = ("scan", "parallel")
-DENOM_EPS = 1e-6
-MEMORY_PRECISION = jax.lax.Precision.HIGHEST  # every einsum touching M, z or the delta read (see above)
 
 
 class MemoryState(NamedTuple):
@@ -53,16 +55,6 @@ class MemoryState(NamedTuple):
 
     M: jax.Array
     z: jax.Array
-
-
-class XLCache(NamedTuple):
-    """Transformer-XL cache (Dai et al. 2019): the previous segment's hidden states at the layer's attention
-    input, x: [B, N, D]; valid: [B] bool (False until a segment has been seen, or after a reset). Keys and
-    values of the cached half are projected from them with the current weights, so W_K and W_V learn from both
-    halves while no gradient flows into the cached states."""
-
-    x: jax.Array
-    valid: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,39 +148,6 @@ def reset_memory(state: MemoryState, reset_b: jax.Array) -> MemoryState:
         M=jnp.where(reset_b[:, None, None, None], jnp.zeros((), state.M.dtype), state.M),
         z=jnp.where(reset_b[:, None, None], jnp.zeros((), state.z.dtype), state.z),
     )
-
-
-def rope_frequencies(base, d: int) -> jax.Array:
-    """[d/2] inverse frequencies. `base`: θ, or (θ, factor, low_freq_factor, high_freq_factor,
-    original_max_positions) for Llama 3.1/3.2's scaled RoPE (Hugging Face rope_type 'llama3'): wavelengths
-    above original_max_positions / low_freq_factor are stretched `factor` times, those below
-    original_max_positions / high_freq_factor kept, the band between interpolated."""
-    theta, *scaling = base if isinstance(base, tuple) else (base,)
-    inv_freq_f = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    if not scaling:
-        return inv_freq_f
-    factor, low, high, original = scaling
-    wavelen_f = 2 * math.pi / inv_freq_f
-    smooth_f = (original / wavelen_f - low) / (high - low)
-    mid_f = (wavelen_f <= original / low) & (wavelen_f >= original / high)
-    scaled_f = jnp.where(wavelen_f > original / low, inv_freq_f / factor, inv_freq_f)
-    return jnp.where(mid_f, (1 - smooth_f) * inv_freq_f / factor + smooth_f * inv_freq_f, scaled_f)
-
-
-def apply_rope(x_bnhd: jax.Array, positions_n: jax.Array, base) -> jax.Array:
-    """Rotary position embedding, Llama's rotate-half convention, computed in float32 (`base`: see
-    `rope_frequencies`)."""
-    d = x_bnhd.shape[-1]
-    if d % 2:
-        raise ValueError(f"RoPE needs an even head dimension, got {d}")
-    inv_freq_f = rope_frequencies(base, d)  # [d/2]
-    angle_nf = positions_n.astype(jnp.float32)[:, None] * inv_freq_f[None, :]  # [N, d/2]
-    cos_n1d = jnp.cos(jnp.concatenate([angle_nf, angle_nf], -1))[:, None, :]  # [N, 1, d]
-    sin_n1d = jnp.sin(jnp.concatenate([angle_nf, angle_nf], -1))[:, None, :]
-    x = x_bnhd.astype(jnp.float32)
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * cos_n1d + rotated * sin_n1d).astype(x_bnhd.dtype)
 
 
 def _softmax_attention(q_bnhk, k_bmhk, v_bmhv, mask_bnm) -> jax.Array:
@@ -419,43 +378,6 @@ def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rop
     return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
 
 
-def _exclusive_cumsum(x_bs, axis: int = 1):
-    """Sum of the elements strictly before each position along `axis` (segment s sees segments < s)."""
-    inclusive = jnp.cumsum(x_bs, axis=axis)
-    return inclusive - x_bs, inclusive
-
-
-def compose(earlier, later):
-    """(A2, B2) ∘ (A1, B1) = (A2 A1, A2 B1 + B2): the affine map M ↦ A M + B of two consecutive spans."""
-    a1, b1 = earlier
-    a2, b2 = later
-    hp = MEMORY_PRECISION  # [.., K, J] x [.., J, X] -> [.., K, X]
-    return jnp.matmul(a2, a1, precision=hp), jnp.matmul(a2, b1, precision=hp) + b2
-
-
-def segment_writes(sk_bsnhk, v32_bsnhv, c_bs):
-    """Per segment, what eq. 8 adds: Δz_s = c_s Σ_t σ(K_t) [B, S, H, K], B_s = c_s σ(K_s)ᵀ V_s [B, S, H, K, V]."""
-    dz_bshk = jnp.sum(sk_bsnhk, axis=2) * c_bs[:, :, None, None]  # [B, S, N, H, K] -> [B, S, H, K]
-    # [B,S,N,H,K] x [B,S,N,H,V] -> [B,S,H,K,V]
-    write_bshkv = jnp.einsum("bsnhk,bsnhv->bshkv", sk_bsnhk, v32_bsnhv, precision=MEMORY_PRECISION) \
-        * c_bs[:, :, None, None, None]
-    return dz_bshk, write_bshkv
-
-
-def delta_transitions(sk_bsnhk, z_prev_bshk, c_bs):
-    """Eq. 9 as the affine map M ↦ A_s M + B_s (B_s from `segment_writes`): A_s = I − c_s σ(K_s)ᵀ D_s σ(K_s),
-    D_s = diag(1 / max(σ(K_t) z_{s-1}, eps)), and A_s = I where z_{s-1} is empty. [B, S, H, K, K]."""
-    hp, d_key = MEMORY_PRECISION, sk_bsnhk.shape[-1]
-    # [B,S,N,H,K] x [B,S,H,K] -> [B,S,N,H]
-    den_bsnh = jnp.einsum("bsnhk,bshk->bsnh", sk_bsnhk, z_prev_bshk, precision=hp)
-    empty_bsh = jnp.all(z_prev_bshk == 0, axis=-1)
-    inv_bsnh = jnp.where(empty_bsh[:, :, None], 0.0, 1.0 / jnp.maximum(den_bsnh, DENOM_EPS))
-    inv_bsnh = inv_bsnh * c_bs[:, :, None, None]
-    eye_kj = jnp.eye(d_key, dtype=jnp.float32)
-    # [B,S,N,H,K] x [B,S,N,H] x [B,S,N,H,J] -> [B,S,H,K,J]
-    return eye_kj - jnp.einsum("bsnhk,bsnh,bsnhj->bshkj", sk_bsnhk, inv_bsnh, sk_bsnhk, precision=hp)
-
-
 def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs):
     b, l, h, d_key = q_blhk.shape
     q_bsnhk, k_bsnhk, v_bsnhv = (_to_segments(x, n_seg) for x in (q_blhk, k_blhk, v_blhv))
@@ -465,11 +387,11 @@ def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule,
     # z_{s-1}: exclusive prefix of c_s Σ_t σ(K_t); B_s = c_s σ(K_s)ᵀ V_s
     c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs
     dz_bshk, write_bshkv = segment_writes(sk_bsnhk, v_bsnhv.astype(jnp.float32), c_bs)
-    zx_bshk, zi_bshk = _exclusive_cumsum(dz_bshk)
+    zx_bshk, zi_bshk = exclusive_cumsum(dz_bshk)
     z_prev_bshk = state.z[:, None] + zx_bshk
 
     if rule == "linear":
-        mx_bshkv, mi_bshkv = _exclusive_cumsum(write_bshkv)
+        mx_bshkv, mi_bshkv = exclusive_cumsum(write_bshkv)
         m_prev_bshkv = state.M[:, None] + mx_bshkv
         m_final_bhkv = state.M + mi_bshkv[:, -1]
     else:
@@ -488,81 +410,3 @@ def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule,
     out = _gate(a_mem, a_dot, gate_logit_h, empty)
     out_blhv = out.reshape(b, l, h, -1).astype(q_blhk.dtype)
     return out_blhv, MemoryState(m_final_bhkv, state.z + zi_bshk[:, -1])
-
-
-# ----------------------------------------------------------------------------------------------------
-# The paper's baselines, in the same code: segment-local, Transformer-XL, full causal attention.
-# ----------------------------------------------------------------------------------------------------
-
-
-def local_attention_sequence(q_blhk, k_blhk, v_blhv, *, segment_len: int, rope_base=None) -> jax.Array:
-    """Segment-local causal attention only (no memory). [B, L, H, d_value] in q's dtype."""
-    _check_qkv(q_blhk, k_blhk, v_blhv)
-    b, l, h, _ = q_blhk.shape
-    n_seg = _check_segments(l, segment_len)
-    fold = lambda x: x.reshape(b * n_seg, segment_len, x.shape[-2], x.shape[-1])  # noqa: E731
-    out = local_attention(fold(q_blhk), fold(k_blhk), fold(v_blhv), rope_base=rope_base)
-    return out.reshape(b, l, h, -1).astype(q_blhk.dtype)
-
-
-def full_attention(q_blhk, k_blhk, v_blhv, *, rope_base=None) -> jax.Array:
-    """Ordinary causal attention over the whole input (O(L²) memory). [B, L, H, d_value] in q's dtype."""
-    _check_qkv(q_blhk, k_blhk, v_blhv)
-    return local_attention(q_blhk, k_blhk, v_blhv, rope_base=rope_base).astype(q_blhk.dtype)
-
-
-def init_xl_cache(batch: int, segment_len: int, d_model: int, dtype=jnp.float32) -> XLCache:
-    return XLCache(x=jnp.zeros((batch, segment_len, d_model), dtype), valid=jnp.zeros((batch,), bool))
-
-
-def xl_previous_inputs(x_bld: jax.Array, cache: XLCache, segment_len: int) -> jax.Array:
-    """The inputs whose keys/values each segment's cached half uses: segment s gets segment s−1's inputs
-    (segment 0 gets the cache), behind `stop_gradient` (Dai et al.: SG at the cached hidden states).
-    [B, L, D] -> [B, L, D]."""
-    b, l, d = x_bld.shape
-    if cache.x.shape != (b, segment_len, d):
-        raise ValueError(f"XL cache shape mismatch: expected x {(b, segment_len, d)}, got {cache.x.shape}; "
-                         "build it with init_xl_cache(batch, segment_len, d_model)")
-    prev_bld = jnp.concatenate([cache.x.astype(x_bld.dtype), x_bld[:, : l - segment_len]], axis=1)
-    return jax.lax.stop_gradient(prev_bld)
-
-
-def xl_attention_sequence(
-    q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, valid_b, *, segment_len: int, rope_base=None
-) -> jax.Array:
-    """Transformer-XL attention (Dai et al. 2019): each segment attends causally to itself and to all keys of
-    the previous segment. k/v: this call's keys/values; kp/vp: the keys/values of the *previous* segment's
-    inputs for every segment (the projections of `xl_previous_inputs`); valid_b [B]: whether the first segment
-    has a previous one (False at a document start). With absolute positions, query t of segment s sees keys
-    max(0, (s−1)N) .. t. With RoPE the previous segment sits at positions 0..N-1 and the current one at
-    N..2N-1 (relative distances are what RoPE sees). Returns [B, L, H, d_value] in q's dtype.
-    """
-    _check_qkv(q_blhk, k_blgk, v_blgk)
-    _check_qkv(q_blhk, kp_blgk, vp_blgk)
-    b, l, h, _ = q_blhk.shape
-    n_seg = _check_segments(l, segment_len)
-    n = segment_len
-    xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk))
-    prev_valid_sb = jnp.concatenate([valid_b[None].astype(bool), jnp.ones((n_seg - 1, b), bool)], axis=0)
-    causal_nn = jnp.tril(jnp.ones((n, n), bool))
-
-    @jax.checkpoint
-    def body(_, seg):
-        q_bnhk, k_bngk, v_bngk, kp_bngk, vp_bngk, valid_b = seg
-        k_b2ngk = jnp.concatenate([kp_bngk, k_bngk], axis=1)  # keys: [previous segment | current segment]
-        v_b2ngk = jnp.concatenate([vp_bngk, v_bngk], axis=1)
-        if rope_base is not None:
-            q_bnhk = apply_rope(q_bnhk, jnp.arange(n, 2 * n), rope_base)
-            k_b2ngk = apply_rope(k_b2ngk, jnp.arange(2 * n), rope_base)
-        prev_bnn = jnp.broadcast_to(valid_b[:, None, None], (b, n, n))
-        mask_bn2n = jnp.concatenate([prev_bnn, jnp.broadcast_to(causal_nn, (b, n, n))], axis=-1)
-        out_bnhv = _softmax_attention(q_bnhk, repeat_heads(k_b2ngk, h), repeat_heads(v_b2ngk, h), mask_bn2n)
-        return None, out_bnhv.astype(q_bnhk.dtype)
-
-    _, out_sbnhv = jax.lax.scan(body, None, xs + (prev_valid_sb,))
-    return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1)
-
-
-def reset_xl_cache(cache: XLCache, reset_b: jax.Array) -> XLCache:
-    """Invalidates the cache of the batch rows where reset_b [B] is True."""
-    return cache._replace(valid=cache.valid & ~reset_b.astype(bool))

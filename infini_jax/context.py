@@ -9,7 +9,7 @@ earlier segments; only that prefix crosses devices (shapes as in attention.py, x
 
     z (both rules):  Δz(x) = Σ_{s on x} c_s Σ_t σ(K_t)                z_in(x) = z_0 + Σ_{x' < x} Δz(x')
     linear (eq. 8):  ΔM(x) = Σ_{s on x} c_s σ(K_s)ᵀ V_s               M_in(x) = M_0 + Σ_{x' < x} ΔM(x')
-    delta  (eq. 9):  per segment M ↦ A_s M + B_s (attention.delta_transitions / segment_writes),
+    delta  (eq. 9):  per segment M ↦ A_s M + B_s (prefix.delta_transitions / segment_writes),
                      (A(x), B(x)) = their composition over the device's segments,
                      M_in(x) = (A(x−1), B(x−1)) ∘ … ∘ (A(0), B(0)) applied to M_0.
 
@@ -34,7 +34,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from infini_jax import attention as attn
-from infini_jax.attention import MEMORY_PRECISION, MemoryState
+from infini_jax import prefix
+from infini_jax.attention import MemoryState
+from infini_jax.prefix import MEMORY_PRECISION
 from infini_jax.axes import active_axis, logical_to_spec
 
 
@@ -64,7 +66,7 @@ def exclusive_prefix(x0, delta_x, a_xbgkj=None):
 
 def device_delta_map(sk_bsngk, v32_bsngv, c_bs, z_in_bgk, manual_axes=()):
     """The delta rule over one device's segments as one affine map (A [B,G,K,K], B [B,G,K,V]), given the z
-    at its first segment: a scan over the segments composing M ↦ A_s M + B_s (attention.compose).
+    at its first segment: a scan over the segments composing M ↦ A_s M + B_s (prefix.compose).
     manual_axes: inside shard_map, the mesh axes the data varies over (the identity map it starts from too)."""
     b, _, _, g, d_key = sk_bsngk.shape
     eye_bgkj = jnp.broadcast_to(jnp.eye(d_key, dtype=jnp.float32), (b, g, d_key, d_key))
@@ -76,9 +78,9 @@ def device_delta_map(sk_bsngk, v32_bsngv, c_bs, z_in_bgk, manual_axes=()):
     def body(carry, seg):
         z_bgk, acc = carry
         sk_b1ngk, v_b1ngv, c_b1 = (x[:, None] for x in seg)  # one segment, kept as a segment axis of 1
-        dz_b1gk, write_b1gkv = attn.segment_writes(sk_b1ngk, v_b1ngv, c_b1)
-        a_b1gkj = attn.delta_transitions(sk_b1ngk, z_bgk[:, None], c_b1)
-        return (z_bgk + dz_b1gk[:, 0], attn.compose(acc, (a_b1gkj[:, 0], write_b1gkv[:, 0]))), None
+        dz_b1gk, write_b1gkv = prefix.segment_writes(sk_b1ngk, v_b1ngv, c_b1)
+        a_b1gkj = prefix.delta_transitions(sk_b1ngk, z_bgk[:, None], c_b1)
+        return (z_bgk + dz_b1gk[:, 0], prefix.compose(acc, (a_b1gkj[:, 0], write_b1gkv[:, 0]))), None
 
     segs = (jnp.swapaxes(sk_bsngk, 0, 1), jnp.swapaxes(v32_bsngv, 0, 1), c_bs.T)  # scan over segments
     (_, (a_bgkj, b_bgkv)), _ = jax.lax.scan(jax.checkpoint(body), (z_in_bgk, start), segs)

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infini_jax import attention as attn
+from infini_jax import baselines
+from infini_jax.rope import apply_rope
 from infini_jax.model import InfiniTransformer, ModelConfig, logits_from_hidden
 
 
@@ -125,8 +127,8 @@ def cache_attention(q_bthk, k_bngk, v_bngk, pos, *, rope_base=None, prev: PrevKV
                                     jnp.broadcast_to(causal_tn, (b, t, n))], axis=-1)
         q_pos_t = n + pos_t
     if rope_base is not None:
-        q_bthk = attn.apply_rope(q_bthk, q_pos_t, rope_base)
-        k_bmgk = attn.apply_rope(k_bmgk, jnp.arange(k_bmgk.shape[1]), rope_base)
+        q_bthk = apply_rope(q_bthk, q_pos_t, rope_base)
+        k_bmgk = apply_rope(k_bmgk, jnp.arange(k_bmgk.shape[1]), rope_base)
     return attn._softmax_attention(q_bthk, attn.repeat_heads(k_bmgk, h), attn.repeat_heads(v_bmgk, h), mask_btm)
 
 
@@ -157,7 +159,7 @@ def _layer_step(cfg: ModelConfig, pos, n_new, block, x_btd, cache: LayerCache):
         if prev is None:
             a_bthv = attn.local_attention(q_bthk, k_bngk, v_bngk, rope_base=cfg.rope)
         else:
-            a_bthv = attn.xl_attention_sequence(q_bthk, k_bngk, v_bngk, prev.k, prev.v, prev.valid,
+            a_bthv = baselines.xl_attention_sequence(q_bthk, k_bngk, v_bngk, prev.k, prev.v, prev.valid,
                                                segment_len=t, rope_base=cfg.rope)
     if cfg.attention == "infini":  # eq. 7 on the memory of earlier segments, eq. 10
         memory = cache.memory

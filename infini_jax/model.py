@@ -20,6 +20,7 @@ head and read by the query heads of its group; each query head has its own gate.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infini_jax import attention as attn
+from infini_jax import baselines
 from infini_jax import context
 from infini_jax.axes import constrain
 
@@ -159,18 +161,18 @@ class Attention(nnx.Module):
                 rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope, write_scale_bs=write_scale_bs,
                 remat=cfg.remat_segments)
         elif cfg.attention == "xl":  # the cached half's K/V: current weights on stop-gradient previous inputs
-            state = attn.reset_xl_cache(state, reset_b)
-            xp_bld = attn.xl_previous_inputs(x, state, cfg.segment_len)
+            state = baselines.reset_xl_cache(state, reset_b)
+            xp_bld = baselines.xl_previous_inputs(x, state, cfg.segment_len)
             kp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wk_dgk)  # [B,L,D] x [D,G,K]
             vp_blgk = jnp.einsum("bld,dgk->blgk", xp_bld, wv_dgk)  # [B,L,D] x [D,G,K]
-            out_blhk = attn.xl_attention_sequence(q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, state.valid,
+            out_blhk = baselines.xl_attention_sequence(q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, state.valid,
                                                   segment_len=cfg.segment_len, rope_base=cfg.rope)
-            state = attn.XLCache(x=x[:, -cfg.segment_len:].astype(state.x.dtype), valid=jnp.ones_like(state.valid))
+            state = baselines.XLCache(x=x[:, -cfg.segment_len:].astype(state.x.dtype), valid=jnp.ones_like(state.valid))
         elif cfg.attention == "local":
-            out_blhk = attn.local_attention_sequence(
+            out_blhk = baselines.local_attention_sequence(
                 q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, rope_base=cfg.rope)
         else:
-            out_blhk = attn.full_attention(q_blhk, k_blgk, v_blgk, rope_base=cfg.rope)
+            out_blhk = baselines.full_attention(q_blhk, k_blgk, v_blgk, rope_base=cfg.rope)
         y_bld = jnp.einsum("blhk,hkd->bld", out_blhk.astype(dt), self.wo_hkd[...].astype(dt))  # [B,L,H,K] x [H,K,D]
         return y_bld, state
 
@@ -257,7 +259,7 @@ class InfiniTransformer(nnx.Module):
         if cfg.attention == "infini":
             make = lambda: attn.init_memory(batch, cfg.kv_heads, cfg.head_dim, cfg.head_dim)  # noqa: E731
         elif cfg.attention == "xl":
-            make = lambda: attn.init_xl_cache(batch, cfg.segment_len, cfg.d_model, jnp.dtype(cfg.dtype))  # noqa: E731
+            make = functools.partial(baselines.init_xl_cache, batch, cfg.segment_len, cfg.d_model, jnp.dtype(cfg.dtype))
         else:
             make = lambda: ()  # noqa: E731
         layers = tuple(make() for _ in range(cfg.num_layers))

@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from infini_jax import attention as attn
+from infini_jax import baselines
 from infini_jax.axes import RULES, _axis_size, _present, logical_to_spec  # noqa: F401  (the one rules table)
 from infini_jax.model import key_path
 
@@ -182,7 +183,7 @@ def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict:
 
 # Logical axes of the recurrent state (model.init_state), mapped through the same RULES as the params.
 MEMORY_AXES = attn.MemoryState(M=("batch", "kv_heads", "key", "value"), z=("batch", "kv_heads", "key"))
-XL_CACHE_AXES = attn.XLCache(x=("batch", "length", "act_embed"), valid=("batch",))
+XL_CACHE_AXES = baselines.XLCache(x=("batch", "length", "act_embed"), valid=("batch",))
 
 
 def memory_shardings(mesh: Mesh, state_tree):
@@ -194,11 +195,11 @@ def memory_shardings(mesh: Mesh, state_tree):
     def layer(s, lead=()):
         if isinstance(s, attn.MemoryState):
             return attn.MemoryState(*(spec(x, lead + ax) for x, ax in zip(s, MEMORY_AXES)))
-        if isinstance(s, attn.XLCache):
-            return attn.XLCache(*(spec(x, lead + ax) for x, ax in zip(s, XL_CACHE_AXES)))
+        if isinstance(s, baselines.XLCache):
+            return baselines.XLCache(*(spec(x, lead + ax) for x, ax in zip(s, XL_CACHE_AXES)))
         return jax.tree.map(lambda x: spec(x, lead + ("batch",) + (None,) * (x.ndim - 1 - len(lead))), s)
 
-    if isinstance(state_tree, (attn.MemoryState, attn.XLCache)):  # model.scan_layers: stacked [layers, ...]
+    if isinstance(state_tree, (attn.MemoryState, baselines.XLCache)):  # model.scan_layers: stacked [layers, ...]
         return layer(state_tree, ("layers",))
     return tuple(layer(s) for s in state_tree)
 

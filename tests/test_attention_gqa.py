@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from infini_jax import attention as A
+from infini_jax import baselines
 from infini_jax.model import InfiniTransformer, ModelConfig
 
 B, L, H, G, K, V, N = 2, 24, 6, 2, 4, 5, 8
@@ -46,12 +47,12 @@ def test_grouped_xl_and_local_equal_repeated_kv():
     k_rep, v_rep = A.repeat_heads(k, H), A.repeat_heads(v, H)
     kp, vp = jnp.roll(k, N, axis=1), jnp.roll(v, N, axis=1)  # any previous-segment keys/values will do
     valid = jnp.array([True, False])
-    out_g = A.xl_attention_sequence(q, k, v, kp, vp, valid, segment_len=N, rope_base=100.0)
-    out_r = A.xl_attention_sequence(q, k_rep, v_rep, A.repeat_heads(kp, H), A.repeat_heads(vp, H), valid,
+    out_g = baselines.xl_attention_sequence(q, k, v, kp, vp, valid, segment_len=N, rope_base=100.0)
+    out_r = baselines.xl_attention_sequence(q, k_rep, v_rep, A.repeat_heads(kp, H), A.repeat_heads(vp, H), valid,
                                     segment_len=N, rope_base=100.0)
     np.testing.assert_allclose(out_g, out_r, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(A.local_attention_sequence(q, k, v, segment_len=N),
-                               A.local_attention_sequence(q, k_rep, v_rep, segment_len=N), atol=1e-6)
+    np.testing.assert_allclose(baselines.local_attention_sequence(q, k, v, segment_len=N),
+                               baselines.local_attention_sequence(q, k_rep, v_rep, segment_len=N), atol=1e-6)
 
 
 def test_heads_must_be_a_multiple_of_kv_heads():

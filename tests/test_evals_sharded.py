@@ -57,7 +57,8 @@ def test_sharded_perplexity_equals_one_device(model, one_device, mesh_cfg):
     subject = on_mesh(model, mesh_cfg)
     assert "tensor" in str(subject.params["blocks"][0]["attn"]["wq_dhk"].sharding.spec)
     ref, ref_ko = one_device
-    got, got_ko = evals.evaluate_perplexity(subject, batches()), evals.evaluate_perplexity(subject.knocked_out(), batches())
+    got = evals.evaluate_perplexity(subject, batches())
+    got_ko = evals.evaluate_perplexity(subject.knocked_out(), batches())
     for a, b in ((got, ref), (got_ko, ref_ko)):
         assert (a["tokens"], a["bytes"], a["documents"], a["batches"]) == (b["tokens"], b["bytes"], b["documents"],
                                                                          b["batches"])

@@ -55,6 +55,8 @@ def test_infini_layer_matches_float64_reference(rule):
                                                   rope_base=ROPE)
     want = np.einsum("blhk,hkd->bld", out, wo)
     from infini_jax import attention as A
+    from infini_jax import baselines
+    from infini_jax.rope import apply_rope
     got = run_in_two_calls(m, x, A.init_memory(B, H, HD, HD))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
@@ -79,7 +81,9 @@ def test_xl_layer_matches_float64_reference():
     m = layer("xl")
     x = inputs(1)
     from infini_jax import attention as A
-    got = run_in_two_calls(m, x, A.init_xl_cache(B, N, D))
+    from infini_jax import baselines
+    from infini_jax.rope import apply_rope
+    got = run_in_two_calls(m, x, baselines.init_xl_cache(B, N, D))
     np.testing.assert_allclose(got, xl_reference(np.asarray(x, np.float64), *weights(m)), rtol=2e-4, atol=2e-5)
 
 
@@ -89,12 +93,14 @@ def test_xl_gradients_stop_at_the_cached_hidden_states():
     m = layer("xl")
     x = inputs(2)
     from infini_jax import attention as A
+    from infini_jax import baselines
+    from infini_jax.rope import apply_rope
 
     graphdef, params = nnx.split(m)
 
     def model_loss(params, x):
         mm = nnx.merge(graphdef, params)
-        y, _ = mm(x, A.init_xl_cache(B, N, D), jnp.zeros((B,), bool))
+        y, _ = mm(x, baselines.init_xl_cache(B, N, D), jnp.zeros((B,), bool))
         return jnp.sum(jnp.sin(y))
 
     def plain_loss(w, x):
@@ -102,9 +108,9 @@ def test_xl_gradients_stop_at_the_cached_hidden_states():
         l = x.shape[1]
         pos = jnp.arange(l)
         seg = pos // N
-        q = A.apply_rope(jnp.einsum("bld,dhk->blhk", x, wq), pos, ROPE)
-        k_cur = A.apply_rope(jnp.einsum("bld,dhk->blhk", x, wk), pos, ROPE)
-        k_sg = A.apply_rope(jnp.einsum("bld,dhk->blhk", jax.lax.stop_gradient(x), wk), pos, ROPE)
+        q = apply_rope(jnp.einsum("bld,dhk->blhk", x, wq), pos, ROPE)
+        k_cur = apply_rope(jnp.einsum("bld,dhk->blhk", x, wk), pos, ROPE)
+        k_sg = apply_rope(jnp.einsum("bld,dhk->blhk", jax.lax.stop_gradient(x), wk), pos, ROPE)
         v_cur = jnp.einsum("bld,dhk->blhk", x, wv)
         v_sg = jnp.einsum("bld,dhk->blhk", jax.lax.stop_gradient(x), wv)
         causal = pos[:, None] >= pos[None, :]
