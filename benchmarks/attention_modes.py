@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from infini_jax.attention import infini_attention_sequence  # noqa: E402
+from infini_jax.sharding import choose_platform  # noqa: E402
 
 
 def timed_ab(fns: dict, args, repeat: int) -> dict:
@@ -43,6 +44,7 @@ def main():
     p.add_argument("--rules", default="linear,delta")
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
+    choose_platform()  # no libtpu start-up noise on a CPU host
     print(f"backend={jax.default_backend()} B={args.batch} H={args.heads} d_key=d_value={args.d_key}")
     print("| rule | segments × length | tokens | scan fwd (s) | parallel fwd (s) | fwd scan/parallel "
           "| scan fwd+bwd (s) | parallel fwd+bwd (s) | fwd+bwd scan/parallel |")

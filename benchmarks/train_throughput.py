@@ -146,6 +146,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
+    shd.choose_platform()  # no libtpu start-up noise on a CPU host
     peak = matmul_peak()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); batch {a.batch} x {a.seq_len}, "
           f"segment {a.segment}, d_model {a.d_model}, {a.layers} layers, {a.heads} x {a.head_dim} heads, "

@@ -26,7 +26,18 @@ MINI = {"model.d_model": 64, "model.head_dim": 16, "model.d_ff": 256, "model.seg
         "train.batch_size": 32}
 V4 = {**MINI, "model.n_segments": 10, "data.passkey_intro": 0.5, "train.batch_size": 16,
       "data.passkey_mass_prob": 0.5, "data.passkey_mass_after": 1200}
+P = {"data.passkey_mass_after": 1200}  # 1,500-step probes: the augmentation in the last 20%, as the default
 VARIANTS = {
+    "p_base": P,
+    "p_hd32": {**P, "model.head_dim": 32},
+    "p_h8": {**P, "model.num_heads": 8},
+    "p_all": {**P, "data.passkey_loss_on_all": True},
+    "p_h2k64": {**P, "model.num_heads": 2, "model.head_dim": 64},
+    "p_k32_std05": {**P, "model.head_dim": 32, "model.init_std": 0.05},
+    "k32": {"model.head_dim": 32},
+    "k32_2400": {"model.head_dim": 32, "data.passkey_mass_after": 1900},  # ~the default's time at 2,400 steps
+    "k32_ff128": {"model.head_dim": 32, "model.d_ff": 128},
+    "s6": {"model.n_segments": 6, "data.passkey_intro": 0.0, "train.batch_size": 13},  # shorter, no intro
     "v4": V4,
     "lr6e-3": {"optim.lr": 6e-3},
     "ff128_b12": {"model.d_ff": 128, "train.batch_size": 12},  # ~35% fewer FLOPs per token, 1.5x the examples
@@ -77,6 +88,8 @@ def run_variant(name: str, steps: int, out: Path, trials: int, arg: str) -> dict
     t0 = time.time()
     result = train_and_evaluate(config, workdir, progress=False)
     train_s = time.time() - t0
+    if result.get("preempted"):  # stopped early (SIGTERM): its checkpoint is not the variant's result
+        raise RuntimeError(f"training stopped at step {result.get('step')} (preempted); rerun to resume it")
     model, _ = ev.load_model(config, workdir=workdir)
     tok = load_tokenizer("byte")
     L = model.cfg.seq_len
