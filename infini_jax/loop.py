@@ -40,7 +40,7 @@ from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
 from infini_jax.model import ModelConfig
 from infini_jax.step import (TRAIN_DEFAULTS, NonFiniteLossError, TrainState, check_mesh, create_train_state,
-                             make_train_step, validate_config)
+                             empty_memory, make_train_step, validate_config)
 
 log = logging.getLogger(__name__)
 
@@ -197,11 +197,15 @@ def init_params(spec: str, model_cfg: ModelConfig, mesh):
 
 def start_state(run: Run, ckpt, tx, train_iter) -> tuple:
     """(graphdef, TrainState, its shardings): the latest intact checkpoint (with the data iterator's state), or
-    train.init_from's params (fresh optimizer, step 0), or a random init."""
+    train.init_from's params (fresh optimizer, step 0), or a random init. With train.carry_memory the state
+    holds the carried memory, empty in every row: checkpoints do not hold it, so a resumed run starts each
+    row's memory empty (the rows go on with their documents)."""
     train = run.train
     resume = bool(ckpt.all_steps())
+    rows = int(train["batch_size"]) if train["carry_memory"] else 0
     graphdef, state, state_sh, abstract = create_train_state(run.model_cfg, tx, run.mesh, int(train["seed"]),
-                                                             init=not resume and not train["init_from"])
+                                                             init=not resume and not train["init_from"],
+                                                             memory_rows=rows)
     restored = None
     if resume:
         restored = ckpt.restore_latest(
@@ -209,7 +213,8 @@ def start_state(run: Run, ckpt, tx, train_iter) -> tuple:
             check=lambda saved: check_resume(saved, run.config, train, run.optim, run.workdir))
     if restored is not None:
         latest, params, opt, data_state = restored
-        state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"], rng=opt["rng"])
+        state = TrainState(step=opt["step"], params=params, opt_state=opt["opt_state"], rng=opt["rng"],
+                           memory=empty_memory(run.model_cfg, rows, state_sh.memory))
         if data_state is not None:
             train_iter.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, latest)
@@ -217,7 +222,8 @@ def start_state(run: Run, ckpt, tx, train_iter) -> tuple:
         params = init_params(train["init_from"], run.model_cfg, run.mesh)
         state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_sh.step), params=params,
                            opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
-                           rng=jax.device_put(jax.random.PRNGKey(int(train["seed"]) + 1), state_sh.rng))
+                           rng=jax.device_put(jax.random.PRNGKey(int(train["seed"]) + 1), state_sh.rng),
+                           memory=empty_memory(run.model_cfg, rows, state_sh.memory))
         log.info("initialized params from %s", train["init_from"])
     elif resume:  # every step was damaged and set aside: starting afresh must be the user's decision
         raise ValueError(f"no intact checkpoint in {ckpt.directory} (the damaged steps were moved to "

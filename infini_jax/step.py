@@ -11,13 +11,18 @@ would be terabytes across a pod); under context parallelism each device scores i
 
     NLL_t = -log softmax(x_t W_out)[y_t]  (× loss_mask_t)        correct_t = [argmax_v (x_t W_out)_v = y_t]
 
-Each training window starts from an empty memory (model(tokens, memory=None, reset)): the train step carries
-no memory between steps. The eval step carries the memory from batch to batch (rows stream their documents)
-and clears a row where batch["reset"] says a new document starts.
+By default (train.carry_memory=False, as in the paper) each training window starts from an empty memory
+(model(tokens, memory=None, reset)): the train step carries no memory between steps. With
+train.carry_memory=True (meliad-style truncated backpropagation through time) the TrainState holds the memory
+(per layer, per batch row): each step starts from the previous step's final memory under stop_gradient, the
+model clears the rows where batch["reset"] says a new document starts, and the step returns the new final
+memory. That memory is not checkpointed: a resumed run starts every row's memory empty. The eval step carries
+the memory from batch to batch (rows stream their documents) and clears a row the same way.
 
 Gradient accumulation (optim.grad_accum = A) is a `lax.scan` over A interleaved microbatches inside the
 step (rows a, a+A, a+2A, ... so every microbatch spans all data shards); summed token-weighted gradients
-are divided by the total number of loss tokens, so the update equals the full-batch update.
+are divided by the total number of loss tokens, so the update equals the full-batch update. A carried memory
+is split into the same rows: each microbatch streams its own rows' memory.
 
 A step whose loss or gradient norm is not finite leaves the state unchanged (params, optimizer and step);
 the loop then stops with NonFiniteLossError and never saves it.
@@ -33,6 +38,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from infini_jax import attention as attn
+from infini_jax import baselines
 from infini_jax import optim as optim_lib
 from infini_jax import sharding as shd
 from infini_jax.axes import active_axis
@@ -55,6 +62,7 @@ class TrainState:
     params: Any  # pure dict of arrays (nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     opt_state: Any
     rng: jax.Array  # uint32 [2]
+    memory: Any = None  # train.carry_memory: the carried per-layer memory (model.init_state); None: off
 
 
 # --------------------------------------------------------------------------- config checks (no devices)
@@ -84,10 +92,22 @@ def validate_config(config, *, process_count: Optional[int] = None) -> tuple[Mod
     bs, accum = int(train["batch_size"]), int(optim["grad_accum"])
     if bs % accum:
         raise ValueError(f"train.batch_size {bs} is not divisible by optim.grad_accum {accum}")
+    if train["carry_memory"]:
+        check_carry_memory(config.data, model_cfg)
     pc = jax.process_count() if process_count is None else process_count
     if bs % pc:
         raise ValueError(f"train.batch_size {bs} is not divisible by the number of processes {pc}")
     return model_cfg, train, optim
+
+
+def check_carry_memory(data_cfg, model_cfg: ModelConfig) -> None:
+    """train.carry_memory needs a memory to carry and documents that continue across windows."""
+    if model_cfg.attention not in ("infini", "xl"):
+        raise ValueError(f"train.carry_memory=True needs model.attention 'infini' or 'xl' (attention "
+                         f"{model_cfg.attention!r} carries no memory): set train.carry_memory=False")
+    if data_cfg.get("name", "passkey") == "passkey":
+        raise ValueError("train.carry_memory=True with data.name='passkey' is meaningless (every passkey row "
+                         "starts a new example each step): set train.carry_memory=False")
 
 
 def check_mesh(mesh, model_cfg: ModelConfig, batch_size: int, grad_accum: int = 1) -> None:
@@ -106,10 +126,16 @@ def abstract_model(model_cfg: ModelConfig):
     return nnx.eval_shape(lambda: InfiniTransformer(model_cfg, rngs=nnx.Rngs(0)))
 
 
-def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init: bool = True):
+def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init: bool = True,
+                       memory_rows: int = 0):
     """(graphdef, state or None, state shardings, abstract state). `init=False` skips the random init
-    (resume): the abstract state (ShapeDtypeStructs with shardings) is what a restore fills in."""
+    (resume): the abstract state (ShapeDtypeStructs with shardings) is what a restore fills in.
+    `memory_rows` > 0 (train.carry_memory: the global batch size): the state carries an empty memory of that
+    many rows, sharded along the batch like the activations."""
     amodel = abstract_model(model_cfg)
+    memory_sh = None
+    if memory_rows:
+        memory_sh = shd.memory_shardings(mesh, jax.eval_shape(lambda: amodel.init_state(memory_rows)))
     graphdef, _ = nnx.split(amodel, nnx.Param)  # TrainState carries params only
     param_sh = shd.param_shardings(amodel, mesh)
 
@@ -124,9 +150,22 @@ def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init:
     state_sh = TrainState(step=repl, params=param_sh,
                           opt_state=shd.opt_state_shardings(shapes.opt_state, shapes.params, param_sh, mesh),
                           rng=repl)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     state = jax.jit(init_fn, out_shardings=state_sh)() if init else None
+    if memory_rows:
+        state_sh = dataclasses.replace(state_sh, memory=memory_sh)
+        shapes = dataclasses.replace(shapes, memory=jax.eval_shape(lambda: amodel.init_state(memory_rows)))
+        state = dataclasses.replace(state, memory=empty_memory(model_cfg, memory_rows, memory_sh)) if init else None
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return graphdef, state, state_sh, abstract
+
+
+def empty_memory(model_cfg: ModelConfig, rows: int, memory_shardings):
+    """The carried memory at the start of a run, fresh or resumed: `rows` empty rows (model.init_state)
+    placed with `memory_shardings` (TrainState.memory's); None when there is none (carry_memory off)."""
+    if memory_shardings is None:
+        return None
+    amodel = abstract_model(model_cfg)
+    return jax.jit(lambda: amodel.init_state(rows), out_shardings=memory_shardings)()
 
 
 def param_graphdef(model_cfg: ModelConfig):
@@ -207,41 +246,48 @@ def segment_sums(graphdef, params, batch, memory, byte_table_V):
 
 def make_train_step(graphdef, tx, lr_fn: Callable, *, mesh, state_shardings, grad_accum: int = 1,
                     gate_lr_fn: Optional[Callable] = None, jit: bool = True):
-    """The train step `(state, batch) -> (state, metrics)`, jitted with shardings and the state donated."""
+    """The train step `(state, batch) -> (state, metrics)`, jitted with shardings and the state donated.
+    When `state_shardings.memory` is set (train.carry_memory), the step starts from state.memory under
+    stop_gradient and stores the new final memory in the returned state."""
     batch_sh = shd.batch_sharding(mesh, 2)
     row_sh = shd.batch_sharding(mesh, 1)
+    memory_sh = state_shardings.memory
 
-    def sums_and_grads(params, batch):
+    def sums_and_grads(params, batch, memory):
         def f(p):
-            sums, _ = loss_sums(graphdef, p, batch)
-            return sums["nll"], sums
-        (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return sums, grads
+            sums, new_memory = loss_sums(graphdef, p, batch, memory)
+            return sums["nll"], (sums, new_memory if memory_sh is not None else None)
+        (_, (sums, new_memory)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return sums, grads, new_memory
 
-    def accumulated(params, batch):
-        def split(x):  # [b, ...] -> [A, b/A, ...], microbatch a = rows a, a+A, ...
-            return x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+    def accumulated(params, batch, memory):
+        micro = jax.tree.map(lambda x: _split_rows(x, grad_accum, 0), batch)
+        micro_memory = jax.tree.map(lambda x: _split_rows(x, grad_accum, _row_axis(memory)), memory)
 
-        micro = jax.tree.map(split, batch)
-
-        def body(acc, mb):
+        def body(acc, xs):
+            mb, mm = xs
             mb = {k: jax.lax.with_sharding_constraint(v, batch_sh if v.ndim == 2 else row_sh) for k, v in mb.items()}
-            return jax.tree.map(jnp.add, acc, sums_and_grads(params, mb)), None
+            mm = jax.tree.map(jax.lax.with_sharding_constraint, mm, memory_sh) if mm is not None else None
+            sums, grads, new_mm = sums_and_grads(params, mb, mm)
+            return jax.tree.map(jnp.add, acc, (sums, grads)), new_mm
 
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, params, jax.tree.map(lambda x: x[0], micro)))
-        (sums, grads), _ = jax.lax.scan(body, zero, micro)
-        return sums, grads
+        first = jax.tree.map(lambda x: x[0], (micro, micro_memory))
+        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums_and_grads, params, *first)[:2])
+        (sums, grads), new_micro_memory = jax.lax.scan(body, zero, (micro, micro_memory))
+        new_memory = jax.tree.map(lambda x: _merge_rows(x, _row_axis(memory)), new_micro_memory)
+        return sums, grads, new_memory
 
     def train_step(state: TrainState, batch):
+        memory = jax.lax.stop_gradient(state.memory) if memory_sh is not None else None
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # model.py pins activations to it
-            sums, grads = (sums_and_grads if grad_accum == 1 else accumulated)(state.params, batch)
+            sums, grads, memory = (sums_and_grads if grad_accum == 1 else accumulated)(state.params, batch, memory)
         denom = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = sums["nll"] / denom
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng, memory=memory)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
         metrics = {"loss": loss, "accuracy": sums["correct"] / denom, "grad_norm": grad_norm,
@@ -254,6 +300,24 @@ def make_train_step(graphdef, tx, lr_fn: Callable, *, mesh, state_shardings, gra
         return train_step
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings,
                    shd.replicated(mesh)), donate_argnums=(0,))
+
+
+def _row_axis(memory) -> int:
+    """The batch-row axis of a carried memory: 0 in its per-layer tuple, 1 when stacked [layers, b, ...]
+    (model.scan_layers)."""
+    return 1 if isinstance(memory, (attn.MemoryState, baselines.XLCache)) else 0
+
+
+def _split_rows(x, accum: int, axis: int):
+    """[..., b, ...] (b at `axis`) -> [A, ..., b/A, ...]: microbatch a holds rows a, a+A, a+2A, ..."""
+    shape = x.shape[:axis] + (x.shape[axis] // accum, accum) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
+
+
+def _merge_rows(x, axis: int):
+    """The inverse of _split_rows: [A, ..., b/A, ...] -> [..., b, ...]."""
+    x = jnp.moveaxis(x, 0, axis + 1)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
 def make_eval_step(graphdef, *, mesh, param_shardings, memory_shardings):

@@ -69,6 +69,7 @@ def get_config(arg=None):
         async_checkpoints=True,  # save in a background thread while training goes on
         init_from="",  # params that start a fresh run: a workdir / checkpoints dir / step dir, or hf:DIR (Llama, Gemma)
         allow_schedule_change=False,  # resume although steps/optim keys that shape the LR schedule changed
+        carry_memory=False,  # carry each row's memory from step to step with its document (truncated BPTT); False: every window starts empty
     )
     config.optim = dict(
         name="adamw",  # 'adamw' or 'adafactor'
