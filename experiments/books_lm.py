@@ -114,6 +114,9 @@ def main():
     p.add_argument("--eval_batch", type=int, default=2, help="rows streamed at once (one book each); more rows "
                    "than books only adds padding")
     a, overrides = p.parse_known_args()
+    from infini_jax.sharding import choose_platform
+
+    choose_platform()  # no libtpu start-up noise on a CPU host
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         p.error(f"unknown arguments {bad}")

@@ -43,6 +43,9 @@ def main():
     p.add_argument("--knockout_lengths", default="1K,4K,16K,64K", help="lengths of the knock-out sweep")
     p.add_argument("--eval_only", action="store_true")
     a = p.parse_args()
+    from infini_jax.sharding import choose_platform
+
+    choose_platform()  # no libtpu start-up noise on a CPU host
 
     import jax
 

@@ -114,6 +114,9 @@ def main():
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
+    from infini_jax.sharding import choose_platform
+
+    choose_platform()  # no libtpu start-up noise on a CPU host
     names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
