@@ -133,9 +133,8 @@ def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init:
     `memory_rows` > 0 (train.carry_memory: the global batch size): the state carries an empty memory of that
     many rows, sharded along the batch like the activations."""
     amodel = abstract_model(model_cfg)
-    memory_sh = None
-    if memory_rows:
-        memory_sh = shd.memory_shardings(mesh, jax.eval_shape(lambda: amodel.init_state(memory_rows)))
+    memory_shapes = jax.eval_shape(lambda: amodel.init_state(memory_rows)) if memory_rows else None
+    memory_sh = shd.memory_shardings(mesh, memory_shapes) if memory_rows else None
     graphdef, _ = nnx.split(amodel, nnx.Param)  # TrainState carries params only
     param_sh = shd.param_shardings(amodel, mesh)
 
@@ -153,7 +152,7 @@ def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init:
     state = jax.jit(init_fn, out_shardings=state_sh)() if init else None
     if memory_rows:
         state_sh = dataclasses.replace(state_sh, memory=memory_sh)
-        shapes = dataclasses.replace(shapes, memory=jax.eval_shape(lambda: amodel.init_state(memory_rows)))
+        shapes = dataclasses.replace(shapes, memory=memory_shapes)
         state = dataclasses.replace(state, memory=empty_memory(model_cfg, memory_rows, memory_sh)) if init else None
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
     return graphdef, state, state_sh, abstract
