@@ -91,6 +91,7 @@ def passkey_length(model_or_subject, tokenizer, length: int, depths: Sequence[fl
         out.append({"length": int(length), "tokens": int(total), "depth": float(d), "trials": int(trials),
                     "token_accuracy": float(match.mean()), "exact_match": float(match.all(1).mean()),
                     "digit_accuracy": float(match[digits_RA[idx]].mean()),
+                    "answer_token_accuracy": [float(a) for a in match.mean(0)],  # per answer position
                     "answer_nll": float(nll_R[idx].mean() / n_ans), "seconds": seconds,
                     "passkeys": [streams[i].passkey for i in idx]})
     return out
