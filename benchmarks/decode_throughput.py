@@ -8,7 +8,7 @@ Defaults are the tiny config's shape (random weights: speed does not depend on t
 in a subprocess of its own, so that one run's peak RSS (resource.getrusage ru_maxrss, the whole process:
 Python, JAX, compiled code, the prompt itself) cannot hide the other's. In each: warm-up (every compiled shape
 once, on a short prompt), then the timed prefill of the random prompt (infini_jax.generate.prefill), then the
-timed compiled loop of --new_tokens greedy tokens from that state, each the median of --repeats runs (prefill:
+timed compiled loop of --new_tokens greedy tokens from that cache, each the median of --repeats runs (prefill:
 one run above 2^17 tokens). Also, at the short length, the per-token segment recompute that generation did
 before the KV cache (one segment forward per new token, a Python call each), for comparison.
 """
@@ -38,9 +38,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _loop(model, state, logits, n):
+def _loop(model, cache, logits, n):
     graphdef, params = nnx.split(model)
-    out, count, _ = G._decode_loop(graphdef, params, state, logits, jax.random.PRNGKey(0), n, 0.0, 1.0, None, False)
+    out, count, _ = G._decode_loop(graphdef, params, cache, logits, jax.random.PRNGKey(0), n, 0.0, 1.0, None, False)
     return jax.block_until_ready(out)
 
 
@@ -50,17 +50,17 @@ def _recompute_tok_s(model, batch: int, n: int) -> float:
     graphdef, params = nnx.split(model)
 
     @jax.jit
-    def seg_step(params, state, seg_bs, pos):
-        logits_bsv, new_state = nnx.merge(graphdef, params)(seg_bs, state)
-        return jnp.argmax(logits_bsv[:, pos], -1), new_state
+    def seg_step(params, memory, seg_bs, pos):
+        logits_bsv, new_memory = nnx.merge(graphdef, params)(seg_bs, memory)
+        return jnp.argmax(logits_bsv[:, pos], -1), new_memory
 
-    state, seg = model.init_state(batch), np.ones((batch, S), np.int32)
-    jax.block_until_ready(seg_step(params, state, seg, 0))
+    memory, seg = model.init_memory(batch), np.ones((batch, S), np.int32)
+    jax.block_until_ready(seg_step(params, memory, seg, 0))
     t0 = time.perf_counter()
     for i in range(n):
-        tok, end_state = seg_step(params, state, seg, i % S)
+        tok, end_memory = seg_step(params, memory, seg, i % S)
         seg[:, (i + 1) % S] = np.asarray(tok)
-        state = end_state if i % S == S - 1 else state
+        memory = end_memory if i % S == S - 1 else memory
     return n / (time.perf_counter() - t0)
 
 
@@ -77,12 +77,12 @@ def child(args) -> dict:
     prefill_s, gen_s = [], []
     for _ in range(args.repeats if args.child <= 2 ** 17 else 1):  # one timed prefill of a long prompt
         t0 = time.perf_counter()
-        logits, state = G.prefill(model, prompt, chunk_segments=k)
+        logits, cache = G.prefill(model, prompt, chunk_segments=k)
         jax.block_until_ready(logits)
         prefill_s.append(time.perf_counter() - t0)
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        _loop(model, state, logits, args.new_tokens)
+        _loop(model, cache, logits, args.new_tokens)
         gen_s.append(time.perf_counter() - t0)
     prefill_s, gen_s = statistics.median(prefill_s), statistics.median(gen_s)
     res = dict(length=args.child, prefill_tok_s=B * args.child / prefill_s, prefill_s=prefill_s,

@@ -31,19 +31,19 @@ def run(precision, rule, k_snhk, v_snhv, q_nhk):
     @jax.jit
     def write_all(k_snhk, v_snhv):
         s, n, h, d = k_snhk.shape
-        state = A.init_memory(1, h, d, v_snhv.shape[-1])
+        memory = A.init_memory(1, h, d, v_snhv.shape[-1])
 
         def body(st, kv):
             return A.update(st, kv[0][None], kv[1][None], rule), None
 
-        return jax.lax.scan(body, state, (k_snhk, v_snhv))[0]
+        return jax.lax.scan(body, memory, (k_snhk, v_snhv))[0]
 
     read = jax.jit(lambda st, q: A.retrieve(st, q[None])[0])
-    state = jax.block_until_ready(write_all(k_snhk, v_snhv))
+    memory = jax.block_until_ready(write_all(k_snhk, v_snhv))
     t0 = time.perf_counter()
-    state = jax.block_until_ready(write_all(k_snhk, v_snhv))
+    memory = jax.block_until_ready(write_all(k_snhk, v_snhv))
     seconds = time.perf_counter() - t0
-    return np.asarray(read(state, q_nhk), np.float64), seconds
+    return np.asarray(read(memory, q_nhk), np.float64), seconds
 
 
 def reference(rule, k_snhk, v_snhv, q_nhk):

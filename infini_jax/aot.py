@@ -168,7 +168,7 @@ def lower_eval_step(config, mesh):
     step.check_mesh(mesh, model_cfg, bs)
     amodel = step.abstract_model(model_cfg)
     param_sh = sharding.param_shardings(amodel, mesh)
-    memory = jax.eval_shape(lambda: amodel.init_state(bs))
+    memory = jax.eval_shape(lambda: amodel.init_memory(bs))
     mem_sh = sharding.memory_shardings(mesh, memory)
     eval_step = step.make_eval_step(step.param_graphdef(model_cfg), mesh=mesh, param_shardings=param_sh,
                                     memory_shardings=mem_sh)

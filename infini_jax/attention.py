@@ -89,12 +89,12 @@ def _check_qkv(q, k, v) -> None:
         )
 
 
-def _check_state(state: MemoryState, batch: int, heads: int, d_key: int, d_value: int) -> None:
+def _check_memory(memory: MemoryState, batch: int, heads: int, d_key: int, d_value: int) -> None:
     want_m, want_z = (batch, heads, d_key, d_value), (batch, heads, d_key)
-    if tuple(state.M.shape) != want_m or tuple(state.z.shape) != want_z:
+    if tuple(memory.M.shape) != want_m or tuple(memory.z.shape) != want_z:
         raise ValueError(
-            f"memory state shape mismatch: expected M {want_m} and z {want_z} "
-            f"(from q/k/v), got M {tuple(state.M.shape)} and z {tuple(state.z.shape)}"
+            f"memory shape mismatch: expected M {want_m} and z {want_z} "
+            f"(from q/k/v), got M {tuple(memory.M.shape)} and z {tuple(memory.z.shape)}"
         )
 
 
@@ -136,17 +136,17 @@ def init_memory(batch: int, num_heads: int, d_key: int, d_value: int) -> MemoryS
     )
 
 
-def is_empty(state: MemoryState) -> jax.Array:
+def is_empty(memory: MemoryState) -> jax.Array:
     """[B, H] bool: True where nothing has been written yet (z all zeros)."""
-    return jnp.all(state.z == 0, axis=-1)
+    return jnp.all(memory.z == 0, axis=-1)
 
 
-def reset_memory(state: MemoryState, reset_b: jax.Array) -> MemoryState:
+def reset_memory(memory: MemoryState, reset_b: jax.Array) -> MemoryState:
     """Clears the memory of the batch rows where reset_b [B] is True (start of a new document)."""
     reset_b = reset_b.astype(bool)  # `where`, not a multiply by 0: inf * 0 would leave NaN behind
     return MemoryState(
-        M=jnp.where(reset_b[:, None, None, None], jnp.zeros((), state.M.dtype), state.M),
-        z=jnp.where(reset_b[:, None, None], jnp.zeros((), state.z.dtype), state.z),
+        M=jnp.where(reset_b[:, None, None, None], jnp.zeros((), memory.M.dtype), memory.M),
+        z=jnp.where(reset_b[:, None, None], jnp.zeros((), memory.z.dtype), memory.z),
     )
 
 
@@ -218,20 +218,20 @@ def _read(M_bgkv, z_bgk, sq_bnhk) -> jax.Array:
     return out_bngrv.reshape(b, n, h, -1)
 
 
-def retrieve(state: MemoryState, q_bnhk: jax.Array) -> jax.Array:
+def retrieve(memory: MemoryState, q_bnhk: jax.Array) -> jax.Array:
     """Memory read, eq. 7: σ(Q) M / (σ(Q) z). Float32 [B, N, H, d_value]; exactly 0 for empty memory."""
     if jnp.ndim(q_bnhk) != 4:
         raise ValueError(f"q must have rank 4 [batch, length, heads, d_key], got shape {jnp.shape(q_bnhk)}")
     b, _, h, d_key = q_bnhk.shape
-    g = state.M.shape[1] if jnp.ndim(state.M) == 4 else 0
+    g = memory.M.shape[1] if jnp.ndim(memory.M) == 4 else 0
     if g == 0 or h % g:
-        raise ValueError(f"memory state shape mismatch: M {tuple(state.M.shape)} must be [B, G, d_key, d_value] "
+        raise ValueError(f"memory shape mismatch: M {tuple(memory.M.shape)} must be [B, G, d_key, d_value] "
                          f"with G key/value heads dividing q's {h} heads")
-    _check_state(state, b, g, d_key, state.M.shape[-1])
-    return _read(state.M, state.z, sigma(q_bnhk))
+    _check_memory(memory, b, g, d_key, memory.M.shape[-1])
+    return _read(memory.M, memory.z, sigma(q_bnhk))
 
 
-def update(state: MemoryState, k_bnhk: jax.Array, v_bnhv: jax.Array, rule: str,
+def update(memory: MemoryState, k_bnhk: jax.Array, v_bnhv: jax.Array, rule: str,
            write_scale_b: Optional[jax.Array] = None) -> MemoryState:
     """Memory write: eq. 8 ("linear") or eq. 9 ("delta"); z ← z + Σ_t σ(K_t). Float32 throughout.
 
@@ -239,18 +239,18 @@ def update(state: MemoryState, k_bnhk: jax.Array, v_bnhv: jax.Array, rule: str,
     _check_rule(rule)
     _check_qkv(k_bnhk, k_bnhk, v_bnhv)
     b, _, h, d_key = k_bnhk.shape
-    _check_state(state, b, h, d_key, v_bnhv.shape[-1])
+    _check_memory(memory, b, h, d_key, v_bnhv.shape[-1])
     sk_bnhk = sigma(k_bnhk)
     v_bnhv = v_bnhv.astype(jnp.float32)
     if rule == "delta":  # write only what the memory does not already return for these keys
-        v_bnhv = v_bnhv - _read(state.M, state.z, sk_bnhk)
+        v_bnhv = v_bnhv - _read(memory.M, memory.z, sk_bnhk)
     # [B, N, H, K] x [B, N, H, V] -> [B, H, K, V]
     dM_bhkv = jnp.einsum("bnhk,bnhv->bhkv", sk_bnhk, v_bnhv, precision=MEMORY_PRECISION)
     dz_bhk = jnp.sum(sk_bnhk, axis=1)  # [B, N, H, K] -> [B, H, K]
     if write_scale_b is not None:
         c_b = write_scale_b.astype(jnp.float32)
         dM_bhkv, dz_bhk = dM_bhkv * c_b[:, None, None, None], dz_bhk * c_b[:, None, None]
-    return MemoryState(state.M + dM_bhkv, state.z + dz_bhk)
+    return MemoryState(memory.M + dM_bhkv, memory.z + dz_bhk)
 
 
 def _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, empty_bg) -> jax.Array:
@@ -271,7 +271,7 @@ def infini_attention(
     q_bnhk: jax.Array,
     k_bnhk: jax.Array,
     v_bnhv: jax.Array,
-    state: MemoryState,
+    memory: MemoryState,
     gate_logit_h: jax.Array,
     *,
     rule: str,
@@ -288,12 +288,12 @@ def infini_attention(
     _check_rule(rule)
     _check_qkv(q_bnhk, k_bnhk, v_bnhv)
     b, _, h, d_key = q_bnhk.shape
-    _check_state(state, b, k_bnhk.shape[2], d_key, v_bnhv.shape[-1])
+    _check_memory(memory, b, k_bnhk.shape[2], d_key, v_bnhv.shape[-1])
     _check_gate(gate_logit_h, h)
     a_dot_bnhv = local_attention(q_bnhk, k_bnhk, v_bnhv, rope_base=rope_base)
-    a_mem_bnhv = _read(state.M, state.z, sigma(q_bnhk))
-    out_bnhv = _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, is_empty(state))
-    return out_bnhv.astype(q_bnhk.dtype), update(state, k_bnhk, v_bnhv, rule, write_scale_b)
+    a_mem_bnhv = _read(memory.M, memory.z, sigma(q_bnhk))
+    out_bnhv = _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, is_empty(memory))
+    return out_bnhv.astype(q_bnhk.dtype), update(memory, k_bnhk, v_bnhv, rule, write_scale_b)
 
 
 def _to_segments(x_blhd: jax.Array, n_seg: int) -> jax.Array:
@@ -310,13 +310,13 @@ def infini_attention_sequence(
     *,
     segment_len: int,
     rule: str,
-    state: Optional[MemoryState] = None,
+    memory: Optional[MemoryState] = None,
     mode: str = "scan",
     rope_base: Optional[float] = None,
     write_scale_bs: Optional[jax.Array] = None,
     remat: bool = True,
 ) -> tuple[jax.Array, MemoryState]:
-    """Infini-attention over L = S × segment_len tokens, carrying the memory from `state` (default empty).
+    """Infini-attention over L = S × segment_len tokens, carrying the memory from `memory` (default empty).
 
     remat (scan mode): `jax.checkpoint` on the segment body, so the backward pass keeps one segment's
     activations at a time and recomputes the rest (bounded memory at long inputs; costs one extra forward of
@@ -325,23 +325,23 @@ def infini_attention_sequence(
     write_scale_bs [B, S]: optional per-(row, segment) write scale (memory-mass augmentation; see `update`).
 
     mode="scan": `jax.lax.scan` over segments with `jax.checkpoint` on the body, so activation memory is
-        bounded by one segment (plus the carried state per segment for the backward pass).
+        bounded by one segment (plus the carried memory per segment for the backward pass).
     mode="parallel": no sequential loop. Linear rule: memories are exclusive prefix sums over segments.
         Delta rule: the update is the affine map M ↦ A_s M + B_s with A_s = I − σ(K_s)ᵀ D_s σ(K_s),
         D_s = diag(1 / σ(K_s) z_{s-1}) (z does not depend on M, so D_s is known up front) and
         B_s = σ(K_s)ᵀ V_s; the prefix compositions come from `jax.lax.associative_scan`.
     The two modes agree to float32 round-off.
     """
-    n_seg, state, scale_bs = check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, segment_len=segment_len,
-                                            rule=rule, mode=mode, state=state, write_scale_bs=write_scale_bs)
+    n_seg, memory, scale_bs = check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, segment_len=segment_len,
+                                            rule=rule, mode=mode, memory=memory, write_scale_bs=write_scale_bs)
     if mode == "scan":
-        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs, remat)
-    return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs)
+        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, memory, n_seg, rule, rope_base, scale_bs, remat)
+    return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, memory, n_seg, rule, rope_base, scale_bs)
 
 
-def check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, *, segment_len, rule, mode, state, write_scale_bs):
+def check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, *, segment_len, rule, mode, memory, write_scale_bs):
     """The input checks and defaults of `infini_attention_sequence`, before anything is traced: returns
-    (segments, the incoming state in float32 (empty if None), write scale [B, S] float32 or None)."""
+    (segments, the incoming memory in float32 (empty if None), write scale [B, S] float32 or None)."""
     _check_rule(rule)
     _check_mode(mode)
     _check_qkv(q_blhk, k_blhk, v_blhv)
@@ -349,19 +349,19 @@ def check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, *, segment_len, rule, m
     g, d_value = k_blhk.shape[2], v_blhv.shape[-1]
     n_seg = _check_segments(l, segment_len)
     _check_gate(gate_logit_h, h)
-    if state is None:
-        state = init_memory(b, g, d_key, d_value)
-    _check_state(state, b, g, d_key, d_value)
-    state = MemoryState(state.M.astype(jnp.float32), state.z.astype(jnp.float32))
+    if memory is None:
+        memory = init_memory(b, g, d_key, d_value)
+    _check_memory(memory, b, g, d_key, d_value)
+    memory = MemoryState(memory.M.astype(jnp.float32), memory.z.astype(jnp.float32))
     scale_bs = None  # no scale: nothing is multiplied in the segment loop
     if write_scale_bs is not None:
         scale_bs = jnp.asarray(write_scale_bs, jnp.float32)
         if scale_bs.shape != (b, n_seg):
             raise ValueError(f"write_scale must have shape [batch, segments] = {(b, n_seg)}, got {scale_bs.shape}")
-    return n_seg, state, scale_bs
+    return n_seg, memory, scale_bs
 
 
-def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs, remat=True):
+def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, memory, n_seg, rule, rope_base, scale_bs, remat=True):
     b, l, h, _ = q_blhk.shape
     # [B, S, N, H, D] -> [S, B, N, H, D]: scan runs over the leading axis.
     xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blhk, v_blhv))
@@ -374,11 +374,11 @@ def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rop
         return new, out_bnhv
 
     scale_sb = None if scale_bs is None else scale_bs.T  # None: an empty pytree, so the body gets None
-    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if remat else body, state, xs + (scale_sb,))
+    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if remat else body, memory, xs + (scale_sb,))
     return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
 
 
-def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule, rope_base, scale_bs):
+def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, memory, n_seg, rule, rope_base, scale_bs):
     b, l, h, d_key = q_blhk.shape
     q_bsnhk, k_bsnhk, v_bsnhv = (_to_segments(x, n_seg) for x in (q_blhk, k_blhk, v_blhv))
     sq_bsnhk, sk_bsnhk = sigma(q_bsnhk), sigma(k_bsnhk)
@@ -388,18 +388,18 @@ def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule,
     c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs
     dz_bshk, write_bshkv = segment_writes(sk_bsnhk, v_bsnhv.astype(jnp.float32), c_bs)
     zx_bshk, zi_bshk = exclusive_cumsum(dz_bshk)
-    z_prev_bshk = state.z[:, None] + zx_bshk
+    z_prev_bshk = memory.z[:, None] + zx_bshk
 
     if rule == "linear":
         mx_bshkv, mi_bshkv = exclusive_cumsum(write_bshkv)
-        m_prev_bshkv = state.M[:, None] + mx_bshkv
-        m_final_bhkv = state.M + mi_bshkv[:, -1]
+        m_prev_bshkv = memory.M[:, None] + mx_bshkv
+        m_final_bhkv = memory.M + mi_bshkv[:, -1]
     else:
         a_bshkj = delta_transitions(sk_bsnhk, z_prev_bshk, c_bs)
         pa_bshkj, pb_bshkv = jax.lax.associative_scan(compose, (a_bshkj, write_bshkv), axis=1)
         # M_s = P_A(s) M_0 + P_B(s); [B,S,H,K,J] x [B,H,J,V] -> [B,S,H,K,V]
-        mi_bshkv = jnp.einsum("bshkj,bhjv->bshkv", pa_bshkj, state.M, precision=hp) + pb_bshkv
-        m_prev_bshkv = jnp.concatenate([state.M[:, None], mi_bshkv[:, :-1]], axis=1)
+        mi_bshkv = jnp.einsum("bshkj,bhjv->bshkv", pa_bshkj, memory.M, precision=hp) + pb_bshkv
+        m_prev_bshkv = jnp.concatenate([memory.M[:, None], mi_bshkv[:, :-1]], axis=1)
         m_final_bhkv = mi_bshkv[:, -1]
 
     # Segments folded into the batch: [B, S, ...] -> [B*S, ...]; the memory (G heads) before each segment
@@ -409,4 +409,4 @@ def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, state, n_seg, rule,
     empty = jnp.all(fold(z_prev_bshk) == 0, axis=-1)  # [B*S, G]
     out = _gate(a_mem, a_dot, gate_logit_h, empty)
     out_blhv = out.reshape(b, l, h, -1).astype(q_blhk.dtype)
-    return out_blhv, MemoryState(m_final_bhkv, state.z + zi_bshk[:, -1])
+    return out_blhv, MemoryState(m_final_bhkv, memory.z + zi_bshk[:, -1])

@@ -19,7 +19,7 @@ D_s = diag(1 / σ(K_s) z_{s−1}) is known exactly once z_in(x) is. Hence two ex
 `jax.shard_map` of B·G·K·(V+1) numbers per device and layer (delta: B·G·K plus B·G·K·(K+V)), independent of
 the sequence length; every device then forms the same prefix from the gathered totals. The device's own
 segments then run through attention.infini_attention_sequence (scan or parallel mode, unchanged) from
-(M_in, z_in); the returned state is the composition over all devices, identical on every device.
+(M_in, z_in); the returned memory is the composition over all devices, identical on every device.
 
 Cost: a device's memory writes are computed twice (once for its totals, once in its own run); delta adds
 a K × K map per segment and its composition (K³ per segment and head), small next to the local attention.
@@ -50,8 +50,8 @@ def check_context_split(length: int, segment_len: int, context: int) -> None:
 
 
 def exclusive_prefix(x0, delta_x, a_xbgkj=None):
-    """Over devices x in order, from x0: state ← A_x state + Δ_x (A = I when `a_xbgkj` is None). delta_x: the
-    per-device totals [X, *x0.shape]. Returns (the state before each device [X, ...], the state after the last)."""
+    """Over devices x in order, from x0: memory ← A_x memory + Δ_x (A = I when `a_xbgkj` is None). delta_x: the
+    per-device totals [X, *x0.shape]. Returns (the memory before each device [X, ...], the memory after the last)."""
     def body(s, step):
         a, d = step
         if a is not None:  # [B,G,K,J] x [B,G,J,V] -> [B,G,K,V]
@@ -87,9 +87,9 @@ def device_delta_map(sk_bsngk, v32_bsngv, c_bs, z_in_bgk, manual_axes=()):
     return a_bgkj, b_bgkv
 
 
-def memory_at_device_start(k_blgk, v_blgv, state: MemoryState, c_bs, *, segment_len: int, rule: str, axis,
+def memory_at_device_start(k_blgk, v_blgv, memory: MemoryState, c_bs, *, segment_len: int, rule: str, axis,
                            manual_axes=()):
-    """Inside shard_map, on this device's L/C tokens: (state at its first segment, state after the whole
+    """Inside shard_map, on this device's L/C tokens: (memory at its first segment, memory after the whole
     sequence). Only per-device totals cross devices (all_gather over `axis`); manual_axes: see device_delta_map."""
     b, l, g, d_key = k_blgk.shape
     n_seg = l // segment_len
@@ -101,28 +101,28 @@ def memory_at_device_start(k_blgk, v_blgv, state: MemoryState, c_bs, *, segment_
         # ΔM = Σ_s c_s σ(K_s)ᵀ V_s; [B,S,N,G,K] x [B,S,N,G,V] x [B,S] -> [B,G,K,V]
         dm_bgkv = jnp.einsum("bsngk,bsngv,bs->bgkv", sk_bsngk, v32_bsngv, c_bs, precision=MEMORY_PRECISION)
         both_xbgkw = jax.lax.all_gather(jnp.concatenate([dm_bgkv, dz_bgk[..., None]], -1), axis, to="invarying")
-        z_before_xbgk, z_final_bgk = exclusive_prefix(state.z, both_xbgkw[..., -1])
-        m_before_xbgkv, m_final_bgkv = exclusive_prefix(state.M, both_xbgkw[..., :-1])
+        z_before_xbgk, z_final_bgk = exclusive_prefix(memory.z, both_xbgkw[..., -1])
+        m_before_xbgkv, m_final_bgkv = exclusive_prefix(memory.M, both_xbgkw[..., :-1])
     else:
-        z_before_xbgk, z_final_bgk = exclusive_prefix(state.z, jax.lax.all_gather(dz_bgk, axis, to="invarying"))
+        z_before_xbgk, z_final_bgk = exclusive_prefix(memory.z, jax.lax.all_gather(dz_bgk, axis, to="invarying"))
         a_bgkj, b_bgkv = device_delta_map(sk_bsngk, v32_bsngv, c_bs, z_before_xbgk[x], manual_axes)
         ab_xbgkw = jax.lax.all_gather(jnp.concatenate([a_bgkj, b_bgkv], -1), axis, to="invarying")
-        m_before_xbgkv, m_final_bgkv = exclusive_prefix(state.M, ab_xbgkw[..., d_key:], ab_xbgkw[..., :d_key])
+        m_before_xbgkv, m_final_bgkv = exclusive_prefix(memory.M, ab_xbgkw[..., d_key:], ab_xbgkw[..., :d_key])
     return MemoryState(m_before_xbgkv[x], z_before_xbgk[x]), MemoryState(m_final_bgkv, z_final_bgk)
 
 
 def infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, *, segment_len: int, rule: str,
-                              state: Optional[MemoryState] = None, mode: str = "scan", rope_base=None,
+                              memory: Optional[MemoryState] = None, mode: str = "scan", rope_base=None,
                               write_scale_bs=None, remat: bool = True):
     """attention.infini_attention_sequence (same arguments, same results to float32 round-off), split over the
     context mesh axis when the active mesh has one of size > 1 (see the module docstring)."""
     axis, size = active_axis("length")
     kw = dict(segment_len=segment_len, rule=rule, mode=mode, rope_base=rope_base, remat=remat)
     if size == 1:
-        return attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, state=state,
+        return attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, memory=memory,
                                               write_scale_bs=write_scale_bs, **kw)
-    n_seg, state, scale_bs = attn.check_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, segment_len=segment_len,
-                                                 rule=rule, mode=mode, state=state, write_scale_bs=write_scale_bs)
+    n_seg, memory, scale_bs = attn.check_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, segment_len=segment_len,
+                                                 rule=rule, mode=mode, memory=memory, write_scale_bs=write_scale_bs)
     b, l = q_blhk.shape[:2]
     check_context_split(l, segment_len, size)
     c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs
@@ -133,14 +133,14 @@ def infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, *, segment_l
     seq, row = P(rows, axis), P(rows)
     manual = sorted({a for ax in (axis, rows) if ax is not None for a in ((ax,) if isinstance(ax, str) else ax)})
 
-    def local(q_blhk, k_blgk, v_blgv, gate_h, state, c_bs):
+    def local(q_blhk, k_blgk, v_blgv, gate_h, memory, c_bs):
         gate_h = jax.lax.pcast(gate_h, tuple(manual), to="varying")  # β's gradient: summed once, not per segment
-        start, final = memory_at_device_start(k_blgk, v_blgv, state, c_bs, segment_len=segment_len, rule=rule,
+        start, final = memory_at_device_start(k_blgk, v_blgv, memory, c_bs, segment_len=segment_len, rule=rule,
                                               axis=axis, manual_axes=manual)
-        out_blhv, _ = attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_h, state=start,
+        out_blhv, _ = attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_h, memory=start,
                                                      write_scale_bs=None if scale_bs is None else c_bs, **kw)
         return out_blhv, final
 
     fn = jax.shard_map(local, mesh=mesh, axis_names=set(manual), out_specs=(seq, MemoryState(row, row)),
                        in_specs=(seq, seq, seq, P(), MemoryState(row, row), seq))
-    return fn(q_blhk, k_blgk, v_blgv, gate_logit_h, state, c_bs)
+    return fn(q_blhk, k_blgk, v_blgv, gate_logit_h, memory, c_bs)

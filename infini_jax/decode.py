@@ -1,17 +1,17 @@
-"""Streaming decode: the decode state (memory + a KV cache of the current segment) and the forward of a few tokens.
+"""Streaming decode: the decode cache (memory + a KV cache of the current segment) and the forward of a few tokens.
 
 Shapes use attention.py's letters, plus
     t   positions fed by one call: 1 for a decode step, segment_len for the prompt's last segment
     n   positions of the current segment's cache (segment_len N)
     m   keys one query may see: n (infini, local) or 2n (xl: previous segment | current segment)
 
-Per layer the decode state keeps
+Per layer the decode cache keeps
     memory  infini: the MemoryState of every whole segment so far;
             xl: PrevKV, the keys/values of the previous segment (the model projects them from its cached
                 hidden states with the same weights: caching the projections holds the same numbers);
             local: ()
     k, v    [B, N, G, K]: the current segment's keys and values (unrotated) at positions 0 .. pos-1
-and DecodeState.pos, how many tokens of the current segment have been seen (shared by the batch rows).
+and DecodeCache.pos, how many tokens of the current segment have been seen (shared by the batch rows).
 
 A call appends t tokens at pos and runs each layer on them only:
     A_dot   softmax(Q Kᵀ / sqrt(d_key) + causal) V over the cache (eq. 6; RoPE on this path only, positions
@@ -47,14 +47,14 @@ class PrevKV(NamedTuple):
 
 
 class LayerCache(NamedTuple):
-    """One layer's decode state: the current segment's keys/values [B, N, G, K] and the memory."""
+    """One layer's decode cache: the current segment's keys/values [B, N, G, K] and the memory."""
 
     k: jax.Array
     v: jax.Array
     memory: Any  # MemoryState (infini) | PrevKV (xl) | () (local)
 
 
-class DecodeState(NamedTuple):
+class DecodeCache(NamedTuple):
     """layers: a LayerCache per layer (tuple), or one with a leading [layers] axis (model.scan_layers);
     pos: int32 scalar, tokens of the current segment already in the caches (0 .. N-1)."""
 
@@ -64,13 +64,13 @@ class DecodeState(NamedTuple):
 
 def check_streamable(cfg: ModelConfig) -> None:
     if cfg.attention == "full":
-        raise ValueError("attention='full' keeps no state between calls, so it cannot decode with bounded memory; "
+        raise ValueError("attention='full' keeps no memory between calls, so it cannot decode with bounded memory; "
                          "use an infini, xl or local model")
 
 
 def _over_layers(model: InfiniTransformer, fn: Callable, x, layers):
     """fn(block, x, layer) -> (x, layer) through the blocks in order: a Python loop over model.blocks, or a
-    jax.lax.scan over the stacked block parameters and per-layer states (model.scan_layers)."""
+    jax.lax.scan over the stacked block parameters and per-layer memories (model.scan_layers)."""
     if not model.cfg.scan_layers:
         out = []
         for block, layer in zip(model.blocks, layers):
@@ -89,25 +89,21 @@ def _project_kv(block, x_btd, dt):
     return k_btgk, v_btgk
 
 
-def from_model_state(model: InfiniTransformer, model_state, batch: int) -> DecodeState:
-    """The decode state at a segment boundary, from the model's state after whole segments
-    (`model(tokens, state)`): infini memory as is; xl hidden-state cache projected to keys/values."""
+def from_memory(model: InfiniTransformer, memory, batch: int) -> DecodeCache:
+    """The decode cache at a segment boundary, from the model's memory after whole segments
+    (`model(tokens, memory)`): infini memory as is; xl hidden-state cache projected to keys/values."""
     cfg = model.cfg
     check_streamable(cfg)
     dt = jnp.dtype(cfg.dtype)
     empty_bngk = jnp.zeros((batch, cfg.segment_len, cfg.kv_heads, cfg.head_dim), dt)
 
-    def layer(block, carry, state):
-        if cfg.attention == "infini":
-            memory = state
-        elif cfg.attention == "xl":
-            memory = PrevKV(*_project_kv(block, state.x, dt), state.valid)
-        else:
-            memory = ()
-        return carry, LayerCache(empty_bngk, empty_bngk, memory)
+    def layer(block, carry, layer_memory):
+        if cfg.attention == "xl":  # layer_memory: the XLCache of hidden states
+            layer_memory = PrevKV(*_project_kv(block, layer_memory.x, dt), layer_memory.valid)
+        return carry, LayerCache(empty_bngk, empty_bngk, layer_memory)  # infini: the MemoryState; local: ()
 
-    _, layers = _over_layers(model, layer, None, model_state)
-    return DecodeState(layers, jnp.zeros((), jnp.int32))
+    _, layers = _over_layers(model, layer, None, memory)
+    return DecodeCache(layers, jnp.zeros((), jnp.int32))
 
 
 def cache_attention(q_bthk, k_bngk, v_bngk, pos, *, rope_base=None, prev: PrevKV | None = None) -> jax.Array:
@@ -173,10 +169,10 @@ def _layer_step(cfg: ModelConfig, pos, n_new, block, x_btd, cache: LayerCache):
     return x_btd, cache
 
 
-def forward(model: InfiniTransformer, state: DecodeState, tokens_bt: jax.Array, n_new) -> tuple[jax.Array, DecodeState]:
-    """Feeds tokens [B, T] at state.pos: T = 1 (a decode step) or T = segment_len with state.pos = 0 (a segment
+def forward(model: InfiniTransformer, cache: DecodeCache, tokens_bt: jax.Array, n_new) -> tuple[jax.Array, DecodeCache]:
+    """Feeds tokens [B, T] at cache.pos: T = 1 (a decode step) or T = segment_len with cache.pos = 0 (a segment
     from its start, of which the first n_new tokens are real and the rest padding, e.g. the prompt's last
-    segment). Returns (float32 logits [B, V] at the last real token, the state after the n_new tokens)."""
+    segment). Returns (float32 logits [B, V] at the last real token, the cache after the n_new tokens)."""
     cfg = model.cfg
     check_streamable(cfg)
     t = tokens_bt.shape[1]
@@ -186,8 +182,8 @@ def forward(model: InfiniTransformer, state: DecodeState, tokens_bt: jax.Array, 
     x_btd = jnp.take(model.embed_vd[...], tokens_bt, axis=0).astype(dt)
     if cfg.embed_scale:
         x_btd = x_btd * jnp.asarray(cfg.d_model ** 0.5, dt)
-    step = functools.partial(_layer_step, cfg, state.pos, n_new)
-    x_btd, layers = _over_layers(model, step, x_btd, state.layers)
+    step = functools.partial(_layer_step, cfg, cache.pos, n_new)
+    x_btd, layers = _over_layers(model, step, x_btd, cache.layers)
     x_b1d = jax.lax.dynamic_slice_in_dim(x_btd, n_new - 1, 1, axis=1)
     logits_b1v = logits_from_hidden(model.final_norm(x_b1d), model.output_embedding(), cfg.dtype)
-    return logits_b1v[:, 0], DecodeState(layers, (state.pos + n_new) % cfg.segment_len)
+    return logits_b1v[:, 0], DecodeCache(layers, (cache.pos + n_new) % cfg.segment_len)

@@ -1,15 +1,15 @@
 """Streaming generation with bounded memory: greedy or temperature / top-p sampling from a prompt of any length.
 
     prefill       the prompt's whole segments before the last go through the model's own segment forward,
-                  `chunk_segments` at a time (state only); the last 1 .. segment_len tokens fill the KV cache
-                  of the decode state (infini_jax/decode.py) and give the first token's logits
+                  `chunk_segments` at a time (memory only); the last 1 .. segment_len tokens fill the KV cache
+                  of the decode cache (infini_jax/decode.py) and give the first token's logits
     decode_step   one jitted call per token: the token's keys/values join the cache, its logits come out,
                   and a full segment is written into the memory
     generate      prefill, then one compiled jax.lax.while_loop for all the new tokens (stops early once
                   every row has emitted eos)
 
-Memory is O(segment_len × (layers × kv heads × head_dim) + chunk + state) however long the prompt or the
-output; each new token costs one token's forward against the cache. attention='full' carries no state
+Space is O(segment_len × (layers × kv heads × head_dim) + chunk + the memory) however long the prompt or the
+output; each new token costs one token's forward against the cache. attention='full' carries no memory
 between calls and cannot be streamed: it is rejected.
 """
 
@@ -28,24 +28,24 @@ from infini_jax.model import InfiniTransformer
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _advance(graphdef, params, state, tokens_bl):
-    """State after whole segments (the logits are dropped; XLA removes the unembedding)."""
+def _advance(graphdef, params, memory, tokens_bl):
+    """The memory after whole segments (the logits are dropped; XLA removes the unembedding)."""
     model = nnx.merge(graphdef, params)
-    _, new_state = model(tokens_bl, state)
-    return new_state
+    _, new_memory = model(tokens_bl, memory)
+    return new_memory
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _prefill_tail(graphdef, params, model_state, tail_bn, n_tail):
-    """Decode state and first logits from the model state at a segment boundary and the last prompt segment."""
+def _prefill_tail(graphdef, params, memory, tail_bn, n_tail):
+    """Decode cache and first logits from the model's memory at a segment boundary and the last prompt segment."""
     model = nnx.merge(graphdef, params)
-    state = decode.from_model_state(model, model_state, tail_bn.shape[0])
-    return decode.forward(model, state, tail_bn, n_tail)
+    cache = decode.from_memory(model, memory, tail_bn.shape[0])
+    return decode.forward(model, cache, tail_bn, n_tail)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _step(graphdef, params, state, token_b):
-    return decode.forward(nnx.merge(graphdef, params), state, token_b[:, None], 1)
+def _step(graphdef, params, cache, token_b):
+    return decode.forward(nnx.merge(graphdef, params), cache, token_b[:, None], 1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -70,10 +70,10 @@ def sample_logits(logits_bV: jax.Array, key: jax.Array, temperature: float, top_
 
 
 def prefill(model: InfiniTransformer, prompt_ids, *, chunk_segments: int = 16, pad_id: int = 0,
-            progress: bool = False) -> tuple[jax.Array, decode.DecodeState]:
+            progress: bool = False) -> tuple[jax.Array, decode.DecodeCache]:
     """Reads a prompt ([l] or [b, l] ints, l >= 1; rows share l) with bounded memory.
 
-    Returns (float32 logits [b, V] of the token after the prompt, the DecodeState after it)."""
+    Returns (float32 logits [b, V] of the token after the prompt, the DecodeCache after it)."""
     cfg = model.cfg
     decode.check_streamable(cfg)
     prompt_bl = np.atleast_2d(np.asarray(prompt_ids, np.int32))
@@ -82,7 +82,7 @@ def prefill(model: InfiniTransformer, prompt_ids, *, chunk_segments: int = 16, p
         raise ValueError("the prompt needs at least one token (e.g. the tokenizer's bos_id)")
     n = cfg.segment_len
     graphdef, params = nnx.split(model)
-    state = model.init_state(b)
+    memory = model.init_memory(b)
     n_full = (l - 1) // n  # whole segments through the model; 1..n prompt tokens go to the KV cache
     k = max(1, int(chunk_segments))
     bar = None
@@ -92,29 +92,29 @@ def prefill(model: InfiniTransformer, prompt_ids, *, chunk_segments: int = 16, p
     s = 0
     while s < n_full:
         take = k if n_full - s >= k else 1  # two compiled shapes only
-        state = _advance(graphdef, params, state, jnp.asarray(prompt_bl[:, s * n:(s + take) * n]))
+        memory = _advance(graphdef, params, memory, jnp.asarray(prompt_bl[:, s * n:(s + take) * n]))
         s += take
         if bar is not None:
             bar.update(take * n)
     tail_bn = np.full((b, n), pad_id, np.int32)
     n_tail = l - n_full * n
     tail_bn[:, :n_tail] = prompt_bl[:, n_full * n:]
-    logits_bV, dstate = _prefill_tail(graphdef, params, state, jnp.asarray(tail_bn), jnp.int32(n_tail))
+    logits_bV, cache = _prefill_tail(graphdef, params, memory, jnp.asarray(tail_bn), jnp.int32(n_tail))
     if bar is not None:
         bar.update(n_tail)
         bar.close()
-    return logits_bV, dstate
+    return logits_bV, cache
 
 
-def decode_step(model: InfiniTransformer, state: decode.DecodeState, token_ids) -> tuple[jax.Array, decode.DecodeState]:
-    """One jitted step: token_ids [B] join the decode state; returns (float32 logits [B, V] of the next token,
-    the new state)."""
+def decode_step(model: InfiniTransformer, cache: decode.DecodeCache, token_ids) -> tuple[jax.Array, decode.DecodeCache]:
+    """One jitted step: token_ids [B] join the decode cache; returns (float32 logits [B, V] of the next token,
+    the new cache)."""
     graphdef, params = nnx.split(model)
-    return _step(graphdef, params, state, jnp.asarray(token_ids, jnp.int32))
+    return _step(graphdef, params, cache, jnp.asarray(token_ids, jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
-def _decode_loop(graphdef, params, state, logits_bV, key, t, temperature, top_p, eos_id, return_logits):
+def _decode_loop(graphdef, params, cache, logits_bV, key, t, temperature, top_p, eos_id, return_logits):
     """t new tokens in one jax.lax.while_loop: token i is sampled from logits_i with fold_in(key, i), then fed.
     Returns (tokens [b, t], how many were emitted, logits [b, t, V] or None)."""
     model = nnx.merge(graphdef, params)
@@ -138,11 +138,11 @@ def _decode_loop(graphdef, params, state, logits_bV, key, t, temperature, top_p,
         return (i < t) & ~jnp.all(done_b)
 
     def body(carry):
-        i, state, token_b, done_b, out_bt, lg_btV = carry
-        logits_bV, state = decode.forward(model, state, token_b[:, None], 1)
-        return (i + 1, state) + pick(i, logits_bV, done_b, out_bt, lg_btV)
+        i, cache, token_b, done_b, out_bt, lg_btV = carry
+        logits_bV, cache = decode.forward(model, cache, token_b[:, None], 1)
+        return (i + 1, cache) + pick(i, logits_bV, done_b, out_bt, lg_btV)
 
-    i, _, _, _, out_bt, lg_btV = jax.lax.while_loop(cond, body, (jnp.int32(1), state) + first)
+    i, _, _, _, out_bt, lg_btV = jax.lax.while_loop(cond, body, (jnp.int32(1), cache) + first)
     return out_bt, i, lg_btV
 
 
@@ -160,14 +160,14 @@ def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, *, tempe
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     squeeze = np.ndim(prompt_ids) == 1
-    logits_bV, state = prefill(model, prompt_ids, chunk_segments=chunk_segments, pad_id=pad_id, progress=progress)
+    logits_bV, cache = prefill(model, prompt_ids, chunk_segments=chunk_segments, pad_id=pad_id, progress=progress)
     b, vocab = logits_bV.shape
     t = int(max_new_tokens)
     if t <= 0:
         out, logits = np.zeros((b, 0), np.int32), np.zeros((b, 0, vocab), np.float32)
     else:
         graphdef, params = nnx.split(model)
-        out, count, logits = _decode_loop(graphdef, params, state, logits_bV, jax.random.PRNGKey(seed), t,
+        out, count, logits = _decode_loop(graphdef, params, cache, logits_bV, jax.random.PRNGKey(seed), t,
                                           float(temperature), float(top_p), eos_id, bool(return_logits))
         count = int(count)
         out = np.asarray(out)[:, :count]

@@ -6,10 +6,10 @@
     "infini"  compressive memory per layer (attention.infini_attention_sequence)
     "xl"      Transformer-XL: attends to the cached keys/values of the previous segment
     "local"   segment-local causal attention only
-    "full"    ordinary causal attention over the whole call (no state carried between calls)
+    "full"    ordinary causal attention over the whole call (no memory carried between calls)
 
-Streaming: `state = model.init_state(B)`; `logits, state = model(tokens, state, reset)` with tokens of
-shape [B, n × segment_len]. One call over a sequence and several calls with the carried state give the
+Streaming: `memory = model.init_memory(B)`; `logits, memory = model(tokens, memory, reset)` with tokens of
+shape [B, n × segment_len]. One call over a sequence and several calls with the carried memory give the
 same logits. `reset` [B] bool clears that row's memory first (start of a new document).
 
 Every parameter carries `axes` metadata: one logical axis name per dimension (infini_jax/sharding.py maps
@@ -165,7 +165,8 @@ class Attention(nnx.Module):
         if cfg.attention == "infini":
             self.gate_logit = nnx.Param(jnp.full((h,), cfg.gate_init, jnp.float32), axes=("heads",))
 
-    def __call__(self, x_bld, state, reset_b, write_scale_bs=None):
+    def __call__(self, x_bld, memory, reset_b, write_scale_bs=None):
+        """(y [B, L, D], the layer's new memory: MemoryState (infini), XLCache (xl) or () (local, full))."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = x_bld.astype(dt)
         wk_dgk, wv_dgk = self.wk_dgk[...].astype(dt), self.wv_dgk[...].astype(dt)
@@ -173,26 +174,26 @@ class Attention(nnx.Module):
         k_blgk = dense(x, wk_dgk)  # [B,L,D] x [D,G,K] -> [B,L,G,K]
         v_blgk = dense(x, wv_dgk)  # [B,L,D] x [D,G,K] -> [B,L,G,K]
         if cfg.attention == "infini":
-            state = attn.reset_memory(state, reset_b)
-            out_blhk, state = context.infini_attention_sequence(  # split over the context axis if any
+            memory = attn.reset_memory(memory, reset_b)
+            out_blhk, memory = context.infini_attention_sequence(  # split over the context axis if any
                 q_blhk, k_blgk, v_blgk, self.gate_logit[...], segment_len=cfg.segment_len,
-                rule=cfg.rule, state=state, mode=cfg.mode, rope_base=cfg.rope, write_scale_bs=write_scale_bs,
+                rule=cfg.rule, memory=memory, mode=cfg.mode, rope_base=cfg.rope, write_scale_bs=write_scale_bs,
                 remat=cfg.remat_segments)
         elif cfg.attention == "xl":  # the cached half's K/V: current weights on stop-gradient previous inputs
-            state = baselines.reset_xl_cache(state, reset_b)
-            xp_bld = baselines.xl_previous_inputs(x, state, cfg.segment_len)
+            cache = baselines.reset_xl_cache(memory, reset_b)
+            xp_bld = baselines.xl_previous_inputs(x, cache, cfg.segment_len)
             kp_blgk = dense(xp_bld, wk_dgk)  # [B,L,D] x [D,G,K] -> [B,L,G,K]
             vp_blgk = dense(xp_bld, wv_dgk)  # [B,L,D] x [D,G,K] -> [B,L,G,K]
-            out_blhk = baselines.xl_attention_sequence(q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, state.valid,
+            out_blhk = baselines.xl_attention_sequence(q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, cache.valid,
                                                   segment_len=cfg.segment_len, rope_base=cfg.rope)
-            state = baselines.XLCache(x=x[:, -cfg.segment_len:].astype(state.x.dtype), valid=jnp.ones_like(state.valid))
+            memory = baselines.XLCache(x=x[:, -cfg.segment_len:].astype(cache.x.dtype), valid=jnp.ones_like(cache.valid))
         elif cfg.attention == "local":
             out_blhk = baselines.local_attention_sequence(
                 q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, rope_base=cfg.rope)
         else:
             out_blhk = baselines.full_attention(q_blhk, k_blgk, v_blgk, rope_base=cfg.rope)
         y_bld = dense(out_blhk.astype(dt), self.wo_hkd[...].astype(dt), n_in=2)  # [B,L,H,K] x [H,K,D] -> [B,L,D]
-        return y_bld, state
+        return y_bld, memory
 
 
 class MLP(nnx.Module):
@@ -224,22 +225,22 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_bld, state, reset_b, write_scale_bs=None):
-        y_bld, state = self.attn(self.attn_norm(x_bld), state, reset_b, write_scale_bs)
+    def __call__(self, x_bld, memory, reset_b, write_scale_bs=None):
+        y_bld, memory = self.attn(self.attn_norm(x_bld), memory, reset_b, write_scale_bs)
         x_bld = x_bld + y_bld
         x_bld = x_bld + self.mlp(self.mlp_norm(x_bld))
-        return x_bld, state
+        return x_bld, memory
 
 
-def _block_forward(block: Block, x_bld, state, reset_b, write_scale_bs=None):
-    return block(x_bld, state, reset_b, write_scale_bs)
+def _block_forward(block: Block, x_bld, memory, reset_b, write_scale_bs=None):
+    return block(x_bld, memory, reset_b, write_scale_bs)
 
 
-def _state_layers(state, cfg: ModelConfig) -> int:
-    """How many layers a state holds: a tuple per layer, or (scan_layers) a leading axis on every leaf."""
+def _memory_layers(memory, cfg: ModelConfig) -> int:
+    """How many layers a memory holds: a tuple per layer, or (scan_layers) a leading axis on every leaf."""
     if not cfg.scan_layers:
-        return len(state)
-    leaves = jax.tree.leaves(state)
+        return len(memory)
+    leaves = jax.tree.leaves(memory)
     return leaves[0].shape[0] if leaves else cfg.num_layers  # local/full: nothing to count
 
 
@@ -270,9 +271,9 @@ class InfiniTransformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembed_dv = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt)
 
-    def init_state(self, batch: int) -> tuple:
-        """The per-layer recurrent state for `batch` rows: one MemoryState (infini) or XLCache (xl) per
-        layer; () per layer for "local" and "full", which carry nothing between calls."""
+    def init_memory(self, batch: int) -> tuple:
+        """The empty per-layer memory for `batch` rows: one MemoryState (infini, attention.init_memory) or
+        XLCache (xl) per layer; () per layer for "local" and "full", which carry nothing between calls."""
         cfg = self.cfg
         if cfg.attention == "infini":
             make = lambda: attn.init_memory(batch, cfg.kv_heads, cfg.head_dim, cfg.head_dim)  # noqa: E731
@@ -285,8 +286,8 @@ class InfiniTransformer(nnx.Module):
             return jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if layers[0] != () else ()
         return layers
 
-    def hidden(self, tokens_bl, state: Optional[tuple] = None, reset_b=None, write_scale_bs=None):
-        """tokens [B, L] int → (final-normed hidden states [B, L, D], new per-layer state).
+    def hidden(self, tokens_bl, memory: Optional[tuple] = None, reset_b=None, write_scale_bs=None):
+        """tokens [B, L] int → (final-normed hidden states [B, L, D], new per-layer memory).
 
         write_scale_bs [B, L / segment_len] (infini only, optional): memory-write scale per row and segment
         (memory-mass augmentation in training; attention.update). None = 1 everywhere, as in the paper."""
@@ -298,12 +299,12 @@ class InfiniTransformer(nnx.Module):
             raise ValueError(
                 f"input length {l} is not a multiple of segment_len {cfg.segment_len}: "
                 "feed whole segments (pad the last one and mask its loss)")
-        if state is None:
-            state = self.init_state(b)
-        n_state = _state_layers(state, cfg)
-        if n_state != cfg.num_layers:
-            raise ValueError(f"state has {n_state} layers, the model has {cfg.num_layers}: "
-                             "build it with model.init_state(batch)")
+        if memory is None:
+            memory = self.init_memory(b)
+        n_layers = _memory_layers(memory, cfg)
+        if n_layers != cfg.num_layers:
+            raise ValueError(f"memory has {n_layers} layers, the model has {cfg.num_layers}: "
+                             "build it with model.init_memory(batch)")
         reset_b = jnp.zeros((b,), bool) if reset_b is None else jnp.asarray(reset_b, bool)
         if reset_b.shape != (b,):
             raise ValueError(f"reset must have shape [batch] = ({b},), got {reset_b.shape}")
@@ -316,26 +317,26 @@ class InfiniTransformer(nnx.Module):
         forward = nnx.remat(_block_forward) if cfg.remat else _block_forward
         if cfg.scan_layers:
             @nnx.scan(in_axes=(0, nnx.Carry, 0, None, None), out_axes=(nnx.Carry, 0))
-            def over_layers(block, x_bld, layer_state, reset_b, write_scale_bs):
-                return forward(block, constrain(x_bld, ACT_AXES), layer_state, reset_b, write_scale_bs)
+            def over_layers(block, x_bld, layer_memory, reset_b, write_scale_bs):
+                return forward(block, constrain(x_bld, ACT_AXES), layer_memory, reset_b, write_scale_bs)
 
-            x_bld, new_state = over_layers(self.blocks, x_bld, state, reset_b, write_scale_bs)
-            return constrain(self.final_norm(x_bld), ACT_AXES), new_state
-        new_state = []
-        for block, layer_state in zip(self.blocks, state):
+            x_bld, new_memory = over_layers(self.blocks, x_bld, memory, reset_b, write_scale_bs)
+            return constrain(self.final_norm(x_bld), ACT_AXES), new_memory
+        new_memory = []
+        for block, layer_memory in zip(self.blocks, memory):
             x_bld = constrain(x_bld, ACT_AXES)
-            x_bld, layer_state = forward(block, x_bld, layer_state, reset_b, write_scale_bs)
-            new_state.append(layer_state)
-        return constrain(self.final_norm(x_bld), ACT_AXES), tuple(new_state)
+            x_bld, layer_memory = forward(block, x_bld, layer_memory, reset_b, write_scale_bs)
+            new_memory.append(layer_memory)
+        return constrain(self.final_norm(x_bld), ACT_AXES), tuple(new_memory)
 
     def output_embedding(self) -> jax.Array:
         """The unembedding matrix [D, V] (the transposed input embedding when tied)."""
         return self.embed_vd[...].T if self.cfg.tie_embeddings else self.unembed_dv[...]
 
-    def __call__(self, tokens_bl, state: Optional[tuple] = None, reset_b=None):
-        """tokens [B, L] int → (logits [B, L, vocab] float32, new per-layer state)."""
-        x_bld, new_state = self.hidden(tokens_bl, state, reset_b)
-        return logits_from_hidden(x_bld, self.output_embedding(), self.cfg.dtype), new_state
+    def __call__(self, tokens_bl, memory: Optional[tuple] = None, reset_b=None):
+        """tokens [B, L] int → (logits [B, L, vocab] float32, new per-layer memory)."""
+        x_bld, new_memory = self.hidden(tokens_bl, memory, reset_b)
+        return logits_from_hidden(x_bld, self.output_embedding(), self.cfg.dtype), new_memory
 
 
 ACT_AXES = ("batch", "length", "act_embed")

@@ -181,13 +181,13 @@ def batch_shardings(mesh: Mesh, batch: Mapping[str, Any]) -> dict:
     return {k: batch_sharding(mesh, np.ndim(v)) for k, v in batch.items()}
 
 
-# Logical axes of the recurrent state (model.init_state), mapped through the same RULES as the params.
+# Logical axes of the memory (model.init_memory), mapped through the same RULES as the params.
 MEMORY_AXES = attn.MemoryState(M=("batch", "kv_heads", "key", "value"), z=("batch", "kv_heads", "key"))
 XL_CACHE_AXES = baselines.XLCache(x=("batch", "length", "act_embed"), valid=("batch",))
 
 
-def memory_shardings(mesh: Mesh, state_tree):
-    """Shardings of the per-layer recurrent state: MemoryState M [B,G,K,V], z [B,G,K] and XLCache x [B,N,D],
+def memory_shardings(mesh: Mesh, memory):
+    """Shardings of the per-layer memory: MemoryState M [B,G,K,V], z [B,G,K] and XLCache x [B,N,D],
     valid [B] (G = key/value heads): rows over the batch axes, heads over tensor (RULES)."""
     def spec(x, logical):
         return NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, name="memory"))
@@ -199,9 +199,9 @@ def memory_shardings(mesh: Mesh, state_tree):
             return baselines.XLCache(*(spec(x, lead + ax) for x, ax in zip(s, XL_CACHE_AXES)))
         return jax.tree.map(lambda x: spec(x, lead + ("batch",) + (None,) * (x.ndim - 1 - len(lead))), s)
 
-    if isinstance(state_tree, (attn.MemoryState, baselines.XLCache)):  # model.scan_layers: stacked [layers, ...]
-        return layer(state_tree, ("layers",))
-    return tuple(layer(s) for s in state_tree)
+    if isinstance(memory, (attn.MemoryState, baselines.XLCache)):  # model.scan_layers: stacked [layers, ...]
+        return layer(memory, ("layers",))
+    return tuple(layer(s) for s in memory)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -62,7 +62,7 @@ class TrainState:
     params: Any  # pure dict of arrays (nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     opt_state: Any
     rng: jax.Array  # uint32 [2]
-    memory: Any = None  # train.carry_memory: the carried per-layer memory (model.init_state); None: off
+    memory: Any = None  # train.carry_memory: the carried per-layer memory (model.init_memory); None: off
 
 
 # --------------------------------------------------------------------------- config checks (no devices)
@@ -133,7 +133,7 @@ def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init:
     `memory_rows` > 0 (train.carry_memory: the global batch size): the state carries an empty memory of that
     many rows, sharded along the batch like the activations."""
     amodel = abstract_model(model_cfg)
-    memory_shapes = jax.eval_shape(lambda: amodel.init_state(memory_rows)) if memory_rows else None
+    memory_shapes = jax.eval_shape(lambda: amodel.init_memory(memory_rows)) if memory_rows else None
     memory_sh = shd.memory_shardings(mesh, memory_shapes) if memory_rows else None
     graphdef, _ = nnx.split(amodel, nnx.Param)  # TrainState carries params only
     param_sh = shd.param_shardings(amodel, mesh)
@@ -159,12 +159,12 @@ def create_train_state(model_cfg: ModelConfig, tx, mesh, seed: int = 0, *, init:
 
 
 def empty_memory(model_cfg: ModelConfig, rows: int, memory_shardings):
-    """The carried memory at the start of a run, fresh or resumed: `rows` empty rows (model.init_state)
+    """The carried memory at the start of a run, fresh or resumed: `rows` empty rows (model.init_memory)
     placed with `memory_shardings` (TrainState.memory's); None when there is none (carry_memory off)."""
     if memory_shardings is None:
         return None
     amodel = abstract_model(model_cfg)
-    return jax.jit(lambda: amodel.init_state(rows), out_shardings=memory_shardings)()
+    return jax.jit(lambda: amodel.init_memory(rows), out_shardings=memory_shardings)()
 
 
 def param_graphdef(model_cfg: ModelConfig):

@@ -174,7 +174,7 @@ def test_sequence_matches_reference(rule, mode, initial):
         m0, z0 = _nonempty_state(61)
         state = _state(m0, z0)
     out, final = infini_attention_sequence(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                           jnp.asarray(BETA), segment_len=N, rule=rule, state=state,
+                                           jnp.asarray(BETA), segment_len=N, rule=rule, memory=state,
                                            mode=mode)
     assert out.shape == (B, n_seg * N, H, DV) and out.dtype == jnp.float32
     assert final.M.dtype == jnp.float32 and final.z.dtype == jnp.float32
@@ -193,7 +193,7 @@ def test_scan_and_parallel_agree(rule):
     for mode in MODES:
         results[mode] = infini_attention_sequence(
             jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(BETA), segment_len=N,
-            rule=rule, state=_state(m0, z0), mode=mode)
+            rule=rule, memory=_state(m0, z0), mode=mode)
     (o_s, st_s), (o_p, st_p) = results["scan"], results["parallel"]
     _close(o_p, o_s, rtol=1e-5, what="parallel vs scan output")
     _close(st_p.M, st_s.M, rtol=1e-5, what="parallel vs scan M")
@@ -253,7 +253,7 @@ def test_gradients_finite(rule, mode, initial):
 
     def loss(q_, k_, v_, beta_):
         out, final = infini_attention_sequence(q_, k_, v_, beta_, segment_len=N, rule=rule,
-                                               state=state, mode=mode)
+                                               memory=state, mode=mode)
         return jnp.sum(out * w) + 1e-2 * jnp.sum(final.M) + 1e-2 * jnp.sum(final.z)
 
     grads = jax.grad(loss, argnums=(0, 1, 2, 3))(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
@@ -434,7 +434,7 @@ def test_extreme_inputs_finite(rule):
 
     def run(q_, k_, v_, beta_):
         return infini_attention_sequence(q_, k_, v_, beta_, segment_len=N, rule=rule,
-                                         state=_state(m0, z0), mode="scan")
+                                         memory=_state(m0, z0), mode="scan")
 
     args = tuple(jnp.asarray(x) for x in (q, k, v, BETA))
     out, final = run(*args)
@@ -464,7 +464,7 @@ def _bad_cases():
         "batch": (lambda: seg(q, k[:1], v[:1], st, beta), r"(?i)(shape|batch|mismatch|match)"),
         "state_heads": (lambda: seg(q, k, v, wrong_state, beta), r"(?i)(state|memory|shape)"),
         "state_z": (lambda: seg(q, k, v, wrong_z, beta), r"(?i)(state|memory|\bz\b|shape)"),
-        "seq_state": (lambda: seq(q, k, v, beta, state=wrong_state), r"(?i)(state|memory|shape)"),
+        "seq_state": (lambda: seq(q, k, v, beta, memory=wrong_state), r"(?i)(state|memory|shape)"),
         "retrieve_state": (lambda: retrieve(wrong_state, q), r"(?i)(state|memory|shape)"),
         "update_state": (lambda: update(wrong_state, k, v, "linear"), r"(?i)(state|memory|shape)"),
         "gate_len": (lambda: seg(q, k, v, st, beta[:2]), r"(?i)(gate|beta)"),

@@ -42,7 +42,7 @@ def _inputs(seed=0):
 def _loss_and_grads(rule, mode, mesh=None, **kw):
     """(loss, final memory, outputs) and the gradients w.r.t. q, k, v, β and the incoming memory."""
     def f(q, k, v, beta, state):
-        out, final = C.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule, mode=mode, state=state,
+        out, final = C.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule, mode=mode, memory=state,
                                                  rope_base=100.0, **kw)
         return jnp.sum(out ** 2) + jnp.sum(final.M ** 2) + jnp.sum(final.z), (out, final)
 

@@ -95,7 +95,7 @@ def test_decode_memory_dots_are_highest(rule, t):
     cfg = ModelConfig(vocab_size=37, d_model=24, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=40,
                       segment_len=6, rule=rule)
     model = InfiniTransformer(cfg, rngs=nnx.Rngs(0))
-    state = decode.from_model_state(model, model.init_state(2), 2)
+    state = decode.from_memory(model, model.init_memory(2), 2)
 
     def f(state, tokens):
         return decode.forward(model, state, tokens, t)

@@ -52,7 +52,7 @@ def test_one_call_equals_streamed_calls(attention, rule):
         randomize_gates(model)
     toks = tokens()
     full, _ = model(toks)
-    state = model.init_state(2)
+    state = model.init_memory(2)
     pieces = []
     for start, stop in ((0, 8), (8, 24), (24, 32)):  # 1, 2 and 1 segments per call
         lg, state = model(toks[:, start:stop], state)
@@ -154,7 +154,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="reset"):
         model(tokens(), reset_b=jnp.zeros((3,), bool))
     with pytest.raises(ValueError, match="layers"):
-        model(tokens(), state=model.init_state(2)[:1])
+        model(tokens(), memory=model.init_memory(2)[:1])
 
 
 def test_blocked_local_attention_equals_unblocked():

@@ -104,11 +104,11 @@ def test_opt_state_shardings_match_params(name):
 def test_memory_shardings_and_global_batch():
     mesh = shd.make_mesh(dict(data=2, fsdp=2, tensor=2))
     model = _abstract(_cfg())
-    mem = jax.eval_shape(lambda: model.init_state(8))
+    mem = jax.eval_shape(lambda: model.init_memory(8))
     msh = shd.memory_shardings(mesh, mem)
     assert msh[0].M.spec == P(("data", "fsdp"), "tensor", None, None)
     assert msh[0].z.spec == P(("data", "fsdp"), "tensor", None)
-    xl = jax.eval_shape(lambda: _abstract(_cfg(attention="xl")).init_state(8))
+    xl = jax.eval_shape(lambda: _abstract(_cfg(attention="xl")).init_memory(8))
     xsh = shd.memory_shardings(mesh, xl)
     assert xsh[0].x.spec == P(("data", "fsdp"), None, None)  # hidden states [B, N, D]: rows split
     assert xsh[0].valid.spec == P(("data", "fsdp"))

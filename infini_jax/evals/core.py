@@ -32,10 +32,10 @@ def _steps(model_cfg: ModelConfig, mesh, rows: int) -> dict:
     amodel = step_lib.abstract_model(model_cfg)
     graphdef = nnx.split(amodel, nnx.Param)[0]
     param_sh = shd.param_shardings(amodel, mesh)
-    mem_sh = shd.memory_shardings(mesh, jax.eval_shape(lambda: amodel.init_state(rows)))
+    mem_sh = shd.memory_shardings(mesh, jax.eval_shape(lambda: amodel.init_memory(rows)))
     kw = dict(mesh=mesh, param_shardings=param_sh, memory_shardings=mem_sh)
     return {"eval": step_lib.make_eval_step(graphdef, **kw), "token": step_lib.make_token_step(graphdef, **kw),
-            "init_memory": jax.jit(lambda: amodel.init_state(rows), out_shardings=mem_sh),
+            "init_memory": jax.jit(lambda: amodel.init_memory(rows), out_shardings=mem_sh),
             "param_shardings": param_sh}
 
 
