@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from infini_jax.attention import infini_attention_sequence  # noqa: E402
+from infini_jax.attention import SequenceOptions, infini_attention_sequence  # noqa: E402
 from infini_jax.sharding import choose_platform  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main():
             gate = jnp.zeros((args.heads,))
 
             def loss(q, k, v, mode, rule=rule, seg=seg):
-                out, _ = infini_attention_sequence(q, k, v, gate, segment_len=seg, rule=rule, mode=mode)
+                out, _ = infini_attention_sequence(q, k, v, gate, SequenceOptions(seg, rule, mode))
                 return jnp.sum(out ** 2)
 
             fwd = {m: jax.jit(lambda q, k, v, m=m: loss(q, k, v, m)) for m in ("scan", "parallel")}

@@ -46,7 +46,7 @@ def main():
     mesh = shd.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     tx, lr_fn, _ = optim_lib.make_optimizer(dict(config.optim), 1000)
     graphdef, state, state_sh, _ = T.create_train_state(model_cfg, tx, mesh, seed=0)
-    step = T.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh)
+    step = T.make_train_step(graphdef, optim_lib.Optimizer(tx, lr_fn), mesh=mesh, state_shardings=state_sh)
 
     def pipeline(prefetch):
         return make_iterator(dict(config.data.to_dict(), prefetch=prefetch), seq_len=L, batch_size=bs,

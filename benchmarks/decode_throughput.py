@@ -40,7 +40,7 @@ def _rss_mb() -> float:
 
 def _loop(model, cache, logits, n):
     graphdef, params = nnx.split(model)
-    out, count, _ = G._decode_loop(graphdef, params, cache, logits, jax.random.PRNGKey(0), n, 0.0, 1.0, None, False)
+    out, count, _ = G._decode_loop(graphdef, params, cache, logits, jax.random.PRNGKey(0), (n, 0.0, 1.0, None, False))
     return jax.block_until_ready(out)
 
 

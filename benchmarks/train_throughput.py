@@ -72,7 +72,7 @@ def jax_stepper(model_cfg: ModelConfig, batch: int):
     mesh = shd.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     tx, lr_fn, _ = optim_lib.make_optimizer(dict(name="adamw", lr=1e-3, warmup_steps=10), 1000)
     graphdef, state, state_sh, _ = T.create_train_state(model_cfg, tx, mesh, seed=0)
-    step = T.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh)
+    step = T.make_train_step(graphdef, optim_lib.Optimizer(tx, lr_fn), mesh=mesh, state_shardings=state_sh)
     L = model_cfg.seq_len
     seq = np.random.default_rng(0).integers(3, model_cfg.vocab_size, (batch, L + 1)).astype(np.int32)
     data = shd.global_batch({"tokens": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((batch, L), np.float32),

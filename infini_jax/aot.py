@@ -149,10 +149,9 @@ def lower_train_step(config, mesh):
     model_cfg, train, optim = train_lib.validate_config(config, process_count=1)
     accum = int(optim["grad_accum"])
     train_lib.check_mesh(mesh, model_cfg, int(train["batch_size"]), accum)
-    tx, lr_fn, gate_lr_fn = optim_lib.make_optimizer(optim, int(train["steps"]))
-    graphdef, _, state_sh, abstract_state = train_lib.create_train_state(model_cfg, tx, mesh, init=False)
-    step = train_lib.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh,
-                                     grad_accum=accum, gate_lr_fn=gate_lr_fn)
+    optimizer = optim_lib.make_optimizer(optim, int(train["steps"]))
+    graphdef, _, state_sh, abstract_state = train_lib.create_train_state(model_cfg, optimizer.tx, mesh, init=False)
+    step = train_lib.make_train_step(graphdef, optimizer, mesh=mesh, state_shardings=state_sh, grad_accum=accum)
     batch = abstract_batch(int(train["batch_size"]), model_cfg.seq_len, mesh)
     return step, (abstract_state, batch), count_of(abstract_state.params)
 

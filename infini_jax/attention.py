@@ -36,14 +36,14 @@ Decisions the paper leaves open (fixed here, tested in tests/test_attention.py):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from infini_jax.prefix import (DENOM_EPS, MEMORY_PRECISION, compose, delta_transitions,  # noqa: F401
-                               exclusive_cumsum, segment_writes)
+from infini_jax.prefix import DENOM_EPS, MEMORY_PRECISION, memory_before_segments
 from infini_jax.rope import apply_rope
 
 RULES = ("linear", "delta")
@@ -55,6 +55,22 @@ class MemoryState(NamedTuple):
 
     M: jax.Array
     z: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceOptions:
+    """Infini-attention's static settings (hashable, so jit treats them as constants; the model's come from
+    model.ModelConfig.infini_options). A bad rule or mode fails here, before anything is traced."""
+
+    segment_len: int  # N: tokens per segment (the local attention span, the memory update interval)
+    rule: str  # memory update: "linear" (eq. 8) or "delta" (eq. 9)
+    mode: str = "scan"  # over segments: "scan" (sequential) or "parallel" (prefix sums; infini_attention_sequence)
+    rope_base: Any = None  # RoPE on the local path: a base, or (base, *scaling) (rope.apply_rope); None: none
+    remat: bool = True  # scan mode: jax.checkpoint on each segment (see infini_attention_sequence)
+
+    def __post_init__(self):
+        _check_rule(self.rule)
+        _check_mode(self.mode)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,33 +283,23 @@ def _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, empty_bg) -> jax.Array:
 # ----------------------------------------------------------------------------------------------------
 
 
-def infini_attention(
-    q_bnhk: jax.Array,
-    k_bnhk: jax.Array,
-    v_bnhv: jax.Array,
-    memory: MemoryState,
-    gate_logit_h: jax.Array,
-    *,
-    rule: str,
-    rope_base: Optional[float] = None,
-    write_scale_b: Optional[jax.Array] = None,
-) -> tuple[jax.Array, MemoryState]:
+def infini_attention(q_bnhk, k_bnhk, v_bnhv, memory: MemoryState, gate_logit_h, opts: SequenceOptions,
+                     write_scale_b: Optional[jax.Array] = None) -> tuple[jax.Array, MemoryState]:
     """One segment of Infini-attention: local causal attention, memory read, gate, then memory write.
 
-    rope_base: when given, RoPE (positions 0..N-1 within the segment) rotates q/k of the local path only;
-    the memory path always sees the unrotated q/k, as in the paper.
+    opts.rule: eq. 8 or 9. opts.rope_base: when given, RoPE (positions 0..N-1 within the segment) rotates q/k
+    of the local path only; the memory path always sees the unrotated q/k, as in the paper.
     write_scale_b [B]: optional write scale (see `update`).
     Returns (out [B, N, H, d_value] in q's dtype, new MemoryState).
     """
-    _check_rule(rule)
     _check_qkv(q_bnhk, k_bnhk, v_bnhv)
     b, _, h, d_key = q_bnhk.shape
     _check_memory(memory, b, k_bnhk.shape[2], d_key, v_bnhv.shape[-1])
     _check_gate(gate_logit_h, h)
-    a_dot_bnhv = local_attention(q_bnhk, k_bnhk, v_bnhv, rope_base=rope_base)
+    a_dot_bnhv = local_attention(q_bnhk, k_bnhk, v_bnhv, rope_base=opts.rope_base)
     a_mem_bnhv = _read(memory.M, memory.z, sigma(q_bnhk))
     out_bnhv = _gate(a_mem_bnhv, a_dot_bnhv, gate_logit_h, is_empty(memory))
-    return out_bnhv.astype(q_bnhk.dtype), update(memory, k_bnhk, v_bnhv, rule, write_scale_b)
+    return out_bnhv.astype(q_bnhk.dtype), update(memory, k_bnhk, v_bnhv, opts.rule, write_scale_b)
 
 
 def _to_segments(x_blhd: jax.Array, n_seg: int) -> jax.Array:
@@ -302,53 +308,45 @@ def _to_segments(x_blhd: jax.Array, n_seg: int) -> jax.Array:
     return x_blhd.reshape(b, n_seg, l // n_seg, h, d)
 
 
-def infini_attention_sequence(
-    q_blhk: jax.Array,
-    k_blhk: jax.Array,
-    v_blhv: jax.Array,
-    gate_logit_h: jax.Array,
-    *,
-    segment_len: int,
-    rule: str,
-    memory: Optional[MemoryState] = None,
-    mode: str = "scan",
-    rope_base: Optional[float] = None,
-    write_scale_bs: Optional[jax.Array] = None,
-    remat: bool = True,
-) -> tuple[jax.Array, MemoryState]:
-    """Infini-attention over L = S × segment_len tokens, carrying the memory from `memory` (default empty).
+def infini_attention_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, opts: SequenceOptions,
+                              memory: Optional[MemoryState] = None,
+                              write_scale_bs: Optional[jax.Array] = None) -> tuple[jax.Array, MemoryState]:
+    """Infini-attention over L = S × opts.segment_len tokens, carrying the memory from `memory` (default empty).
 
-    remat (scan mode): `jax.checkpoint` on the segment body, so the backward pass keeps one segment's
+    opts.remat (scan mode): `jax.checkpoint` on the segment body, so the backward pass keeps one segment's
     activations at a time and recomputes the rest (bounded memory at long inputs; costs one extra forward of
     the layer's attention). False keeps them all (faster for small inputs).
 
     write_scale_bs [B, S]: optional per-(row, segment) write scale (memory-mass augmentation; see `update`).
 
-    mode="scan": `jax.lax.scan` over segments with `jax.checkpoint` on the body, so activation memory is
+    opts.mode="scan": `jax.lax.scan` over segments with `jax.checkpoint` on the body, so activation memory is
         bounded by one segment (plus the carried memory per segment for the backward pass).
-    mode="parallel": no sequential loop. Linear rule: memories are exclusive prefix sums over segments.
+    opts.mode="parallel": no sequential loop. Linear rule: memories are exclusive prefix sums over segments.
         Delta rule: the update is the affine map M ↦ A_s M + B_s with A_s = I − σ(K_s)ᵀ D_s σ(K_s),
         D_s = diag(1 / σ(K_s) z_{s-1}) (z does not depend on M, so D_s is known up front) and
-        B_s = σ(K_s)ᵀ V_s; the prefix compositions come from `jax.lax.associative_scan`.
+        B_s = σ(K_s)ᵀ V_s; the prefix compositions come from `jax.lax.associative_scan` (prefix.py).
     The two modes agree to float32 round-off.
     """
-    n_seg, memory, scale_bs = check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, segment_len=segment_len,
-                                            rule=rule, mode=mode, memory=memory, write_scale_bs=write_scale_bs)
-    if mode == "scan":
-        return _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, memory, n_seg, rule, rope_base, scale_bs, remat)
-    return _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, memory, n_seg, rule, rope_base, scale_bs)
+    n_seg = check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, opts)
+    memory, scale_bs = sequence_start(memory, write_scale_bs, k_blhk, v_blhv, n_seg)
+    run = _sequence_scan if opts.mode == "scan" else _sequence_parallel
+    return run((q_blhk, k_blhk, v_blhv), gate_logit_h, memory, opts, scale_bs)
 
 
-def check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, *, segment_len, rule, mode, memory, write_scale_bs):
-    """The input checks and defaults of `infini_attention_sequence`, before anything is traced: returns
-    (segments, the incoming memory in float32 (empty if None), write scale [B, S] float32 or None)."""
-    _check_rule(rule)
-    _check_mode(mode)
+def check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, opts: SequenceOptions) -> int:
+    """The shape checks of `infini_attention_sequence`, plain Python before anything is traced: the number of
+    segments."""
     _check_qkv(q_blhk, k_blhk, v_blhv)
-    b, l, h, d_key = q_blhk.shape
-    g, d_value = k_blhk.shape[2], v_blhv.shape[-1]
-    n_seg = _check_segments(l, segment_len)
-    _check_gate(gate_logit_h, h)
+    n_seg = _check_segments(q_blhk.shape[1], opts.segment_len)
+    _check_gate(gate_logit_h, q_blhk.shape[2])
+    return n_seg
+
+
+def sequence_start(memory: Optional[MemoryState], write_scale_bs, k_blgk, v_blgv, n_seg: int):
+    """(the incoming memory in float32 (empty if None), write scale [B, S] float32 or None), both checked
+    against the keys/values of `infini_attention_sequence`."""
+    b, _, g, d_key = k_blgk.shape
+    d_value = v_blgv.shape[-1]
     if memory is None:
         memory = init_memory(b, g, d_key, d_value)
     _check_memory(memory, b, g, d_key, d_value)
@@ -358,55 +356,40 @@ def check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, *, segment_len, rule, m
         scale_bs = jnp.asarray(write_scale_bs, jnp.float32)
         if scale_bs.shape != (b, n_seg):
             raise ValueError(f"write_scale must have shape [batch, segments] = {(b, n_seg)}, got {scale_bs.shape}")
-    return n_seg, memory, scale_bs
+    return memory, scale_bs
 
 
-def _sequence_scan(q_blhk, k_blhk, v_blhv, gate_logit_h, memory, n_seg, rule, rope_base, scale_bs, remat=True):
-    b, l, h, _ = q_blhk.shape
+def _sequence_scan(qkv, gate_logit_h, memory: MemoryState, opts: SequenceOptions, scale_bs):
+    b, l, h, _ = qkv[0].shape
+    n_seg = l // opts.segment_len
     # [B, S, N, H, D] -> [S, B, N, H, D]: scan runs over the leading axis.
-    xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (q_blhk, k_blhk, v_blhv))
+    xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in qkv)
 
     def body(carry: MemoryState, seg):
         q_bnhk, k_bnhk, v_bnhv, scale_b = seg
-        out_bnhv, new = infini_attention(
-            q_bnhk, k_bnhk, v_bnhv, carry, gate_logit_h, rule=rule, rope_base=rope_base, write_scale_b=scale_b
-        )
+        out_bnhv, new = infini_attention(q_bnhk, k_bnhk, v_bnhv, carry, gate_logit_h, opts, write_scale_b=scale_b)
         return new, out_bnhv
 
     scale_sb = None if scale_bs is None else scale_bs.T  # None: an empty pytree, so the body gets None
-    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if remat else body, memory, xs + (scale_sb,))
+    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if opts.remat else body, memory, xs + (scale_sb,))
     return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
 
 
-def _sequence_parallel(q_blhk, k_blhk, v_blhv, gate_logit_h, memory, n_seg, rule, rope_base, scale_bs):
-    b, l, h, d_key = q_blhk.shape
-    q_bsnhk, k_bsnhk, v_bsnhv = (_to_segments(x, n_seg) for x in (q_blhk, k_blhk, v_blhv))
+def _sequence_parallel(qkv, gate_logit_h, memory: MemoryState, opts: SequenceOptions, scale_bs):
+    b, l, h, _ = qkv[0].shape
+    n_seg = l // opts.segment_len
+    q_bsnhk, k_bsnhk, v_bsnhv = (_to_segments(x, n_seg) for x in qkv)
     sq_bsnhk, sk_bsnhk = sigma(q_bsnhk), sigma(k_bsnhk)
-    hp = MEMORY_PRECISION
-
-    # z_{s-1}: exclusive prefix of c_s Σ_t σ(K_t); B_s = c_s σ(K_s)ᵀ V_s
     c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs
-    dz_bshk, write_bshkv = segment_writes(sk_bsnhk, v_bsnhv.astype(jnp.float32), c_bs)
-    zx_bshk, zi_bshk = exclusive_cumsum(dz_bshk)
-    z_prev_bshk = memory.z[:, None] + zx_bshk
-
-    if rule == "linear":
-        mx_bshkv, mi_bshkv = exclusive_cumsum(write_bshkv)
-        m_prev_bshkv = memory.M[:, None] + mx_bshkv
-        m_final_bhkv = memory.M + mi_bshkv[:, -1]
-    else:
-        a_bshkj = delta_transitions(sk_bsnhk, z_prev_bshk, c_bs)
-        pa_bshkj, pb_bshkv = jax.lax.associative_scan(compose, (a_bshkj, write_bshkv), axis=1)
-        # M_s = P_A(s) M_0 + P_B(s); [B,S,H,K,J] x [B,H,J,V] -> [B,S,H,K,V]
-        mi_bshkv = jnp.einsum("bshkj,bhjv->bshkv", pa_bshkj, memory.M, precision=hp) + pb_bshkv
-        m_prev_bshkv = jnp.concatenate([memory.M[:, None], mi_bshkv[:, :-1]], axis=1)
-        m_final_bhkv = mi_bshkv[:, -1]
+    # the memory each segment reads (M_{s-1}, z_{s-1}) and the memory after the last segment
+    m_prev_bshkv, z_prev_bshk, final = memory_before_segments(memory.M, memory.z, sk_bsnhk,
+                                                               v_bsnhv.astype(jnp.float32), c_bs, opts.rule)
 
     # Segments folded into the batch: [B, S, ...] -> [B*S, ...]; the memory (G heads) before each segment
     fold = lambda x: x.reshape((b * n_seg,) + x.shape[2:])  # noqa: E731
     a_mem = _read(fold(m_prev_bshkv), fold(z_prev_bshk), fold(sq_bsnhk))  # memory read of every segment
-    a_dot = local_attention(fold(q_bsnhk), fold(k_bsnhk), fold(v_bsnhv), rope_base=rope_base)
+    a_dot = local_attention(fold(q_bsnhk), fold(k_bsnhk), fold(v_bsnhv), rope_base=opts.rope_base)
     empty = jnp.all(fold(z_prev_bshk) == 0, axis=-1)  # [B*S, G]
     out = _gate(a_mem, a_dot, gate_logit_h, empty)
-    out_blhv = out.reshape(b, l, h, -1).astype(q_blhk.dtype)
-    return out_blhv, MemoryState(m_final_bhkv, memory.z + zi_bshk[:, -1])
+    out_blhv = out.reshape(b, l, h, -1).astype(qkv[0].dtype)
+    return out_blhv, MemoryState(*final)

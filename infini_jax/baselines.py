@@ -23,6 +23,15 @@ class XLCache(NamedTuple):
     valid: jax.Array
 
 
+class PrevKV(NamedTuple):
+    """Transformer-XL: the keys/values of the previous segment, k, v: [B, N, G, K] (or [B, L, G, K]: for each
+    segment of a call, those of the segment before it); valid [B]: False until one has been seen."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+
 def local_attention_sequence(q_blhk, k_blhk, v_blhv, *, segment_len: int, rope_base=None) -> jax.Array:
     """Segment-local causal attention only (no memory). [B, L, H, d_value] in q's dtype."""
     _check_qkv(q_blhk, k_blhk, v_blhv)
@@ -55,16 +64,15 @@ def xl_previous_inputs(x_bld: jax.Array, cache: XLCache, segment_len: int) -> ja
     return jax.lax.stop_gradient(prev_bld)
 
 
-def xl_attention_sequence(
-    q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, valid_b, *, segment_len: int, rope_base=None
-) -> jax.Array:
+def xl_attention_sequence(q_blhk, k_blgk, v_blgk, prev: PrevKV, *, segment_len: int, rope_base=None) -> jax.Array:
     """Transformer-XL attention (Dai et al. 2019): each segment attends causally to itself and to all keys of
-    the previous segment. k/v: this call's keys/values; kp/vp: the keys/values of the *previous* segment's
-    inputs for every segment (the projections of `xl_previous_inputs`); valid_b [B]: whether the first segment
-    has a previous one (False at a document start). With absolute positions, query t of segment s sees keys
-    max(0, (s−1)N) .. t. With RoPE the previous segment sits at positions 0..N-1 and the current one at
-    N..2N-1 (relative distances are what RoPE sees). Returns [B, L, H, d_value] in q's dtype.
+    the previous segment. k/v: this call's keys/values; prev.k/prev.v: the keys/values of the *previous*
+    segment's inputs for every segment (the projections of `xl_previous_inputs`); prev.valid [B]: whether the
+    first segment has a previous one (False at a document start). With absolute positions, query t of segment s
+    sees keys max(0, (s−1)N) .. t. With RoPE the previous segment sits at positions 0..N-1 and the current one
+    at N..2N-1 (relative distances are what RoPE sees). Returns [B, L, H, d_value] in q's dtype.
     """
+    kp_blgk, vp_blgk, valid_b = prev
     _check_qkv(q_blhk, k_blgk, v_blgk)
     _check_qkv(q_blhk, kp_blgk, vp_blgk)
     b, l, h, _ = q_blhk.shape

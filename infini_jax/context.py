@@ -87,12 +87,12 @@ def device_delta_map(sk_bsngk, v32_bsngv, c_bs, z_in_bgk, manual_axes=()):
     return a_bgkj, b_bgkv
 
 
-def memory_at_device_start(k_blgk, v_blgv, memory: MemoryState, c_bs, *, segment_len: int, rule: str, axis,
-                           manual_axes=()):
-    """Inside shard_map, on this device's L/C tokens: (memory at its first segment, memory after the whole
-    sequence). Only per-device totals cross devices (all_gather over `axis`); manual_axes: see device_delta_map."""
-    b, l, g, d_key = k_blgk.shape
-    n_seg = l // segment_len
+def memory_at_device_start(k_blgk, v_blgv, memory: MemoryState, c_bs, *, rule: str, axis):
+    """Inside shard_map, on this device's L/C tokens (c_bs: its segments' write scales [B, S/C]): (memory at its
+    first segment, memory after the whole sequence). Only per-device totals cross devices (all_gather over
+    `axis`); the delta rule's identity map starts varying over the shard_map's manual axes (device_delta_map)."""
+    d_key, n_seg = k_blgk.shape[-1], c_bs.shape[1]
+    manual_axes = tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))
     sk_bsngk = attn.sigma(attn._to_segments(k_blgk, n_seg))
     v32_bsngv = attn._to_segments(v_blgv, n_seg).astype(jnp.float32)
     x = jax.lax.axis_index(axis)
@@ -111,20 +111,17 @@ def memory_at_device_start(k_blgk, v_blgv, memory: MemoryState, c_bs, *, segment
     return MemoryState(m_before_xbgkv[x], z_before_xbgk[x]), MemoryState(m_final_bgkv, z_final_bgk)
 
 
-def infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, *, segment_len: int, rule: str,
-                              memory: Optional[MemoryState] = None, mode: str = "scan", rope_base=None,
-                              write_scale_bs=None, remat: bool = True):
+def infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, opts: attn.SequenceOptions,
+                              memory: Optional[MemoryState] = None, write_scale_bs=None):
     """attention.infini_attention_sequence (same arguments, same results to float32 round-off), split over the
     context mesh axis when the active mesh has one of size > 1 (see the module docstring)."""
     axis, size = active_axis("length")
-    kw = dict(segment_len=segment_len, rule=rule, mode=mode, rope_base=rope_base, remat=remat)
     if size == 1:
-        return attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, memory=memory,
-                                              write_scale_bs=write_scale_bs, **kw)
-    n_seg, memory, scale_bs = attn.check_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, segment_len=segment_len,
-                                                 rule=rule, mode=mode, memory=memory, write_scale_bs=write_scale_bs)
+        return attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, opts, memory, write_scale_bs)
+    n_seg = attn.check_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, opts)
+    memory, scale_bs = attn.sequence_start(memory, write_scale_bs, k_blgk, v_blgv, n_seg)
     b, l = q_blhk.shape[:2]
-    check_context_split(l, segment_len, size)
+    check_context_split(l, opts.segment_len, size)
     c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs
     # Manual over the context axis and the batch axes (rows are independent; left to XLA's propagation, the
     # small memory exchange came out replicated over the batch axes); heads stay automatic.
@@ -135,10 +132,9 @@ def infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, *, segment_l
 
     def local(q_blhk, k_blgk, v_blgv, gate_h, memory, c_bs):
         gate_h = jax.lax.pcast(gate_h, tuple(manual), to="varying")  # β's gradient: summed once, not per segment
-        start, final = memory_at_device_start(k_blgk, v_blgv, memory, c_bs, segment_len=segment_len, rule=rule,
-                                              axis=axis, manual_axes=manual)
-        out_blhv, _ = attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_h, memory=start,
-                                                     write_scale_bs=None if scale_bs is None else c_bs, **kw)
+        start, final = memory_at_device_start(k_blgk, v_blgv, memory, c_bs, rule=opts.rule, axis=axis)
+        out_blhv, _ = attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_h, opts, start,
+                                                     None if scale_bs is None else c_bs)
         return out_blhv, final
 
     fn = jax.shard_map(local, mesh=mesh, axis_names=set(manual), out_specs=(seq, MemoryState(row, row)),

@@ -34,16 +34,9 @@ from flax import nnx
 
 from infini_jax import attention as attn
 from infini_jax import baselines
+from infini_jax.baselines import PrevKV
 from infini_jax.rope import apply_rope
 from infini_jax.model import InfiniTransformer, ModelConfig, logits_from_hidden
-
-
-class PrevKV(NamedTuple):
-    """xl: keys/values of the previous segment, [B, N, G, K]; valid [B]: False until one has been seen."""
-
-    k: jax.Array
-    v: jax.Array
-    valid: jax.Array
 
 
 class LayerCache(NamedTuple):
@@ -155,8 +148,7 @@ def _layer_step(cfg: ModelConfig, pos, n_new, block, x_btd, cache: LayerCache):
         if prev is None:
             a_bthv = attn.local_attention(q_bthk, k_bngk, v_bngk, rope_base=cfg.rope)
         else:
-            a_bthv = baselines.xl_attention_sequence(q_bthk, k_bngk, v_bngk, prev.k, prev.v, prev.valid,
-                                               segment_len=t, rope_base=cfg.rope)
+            a_bthv = baselines.xl_attention_sequence(q_bthk, k_bngk, v_bngk, prev, segment_len=t, rope_base=cfg.rope)
     if cfg.attention == "infini":  # eq. 7 on the memory of earlier segments, eq. 10
         memory = cache.memory
         a_bthv = attn._gate(attn.retrieve(memory, q_bthk), a_bthv, block.attn.gate_logit[...], attn.is_empty(memory))

@@ -15,6 +15,7 @@ between calls and cannot be streamed: it is rejected.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Sequence
 
@@ -25,6 +26,21 @@ from flax import nnx
 
 from infini_jax import decode
 from infini_jax.model import InfiniTransformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How `generate` picks each new token: argmax at temperature <= 0, else temperature / nucleus (top_p)
+    sampling seeded by `seed`; a row that emits `eos_id` (None: none) keeps emitting it."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_id: Optional[int] = None
+
+    def __post_init__(self):
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -113,10 +129,12 @@ def decode_step(model: InfiniTransformer, cache: decode.DecodeCache, token_ids) 
     return _step(graphdef, params, cache, jnp.asarray(token_ids, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
-def _decode_loop(graphdef, params, cache, logits_bV, key, t, temperature, top_p, eos_id, return_logits):
-    """t new tokens in one jax.lax.while_loop: token i is sampled from logits_i with fold_in(key, i), then fed.
-    Returns (tokens [b, t], how many were emitted, logits [b, t, V] or None)."""
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _decode_loop(graphdef, params, cache, logits_bV, key, plan: tuple):
+    """plan = (t, temperature, top_p, eos_id, return_logits), static: t new tokens in one jax.lax.while_loop,
+    token i sampled from logits_i with fold_in(key, i), then fed. Returns (tokens [b, t], how many were
+    emitted, logits [b, t, V] or None)."""
+    t, temperature, top_p, eos_id, return_logits = plan
     model = nnx.merge(graphdef, params)
     b, vocab = logits_bV.shape
 
@@ -146,29 +164,27 @@ def _decode_loop(graphdef, params, cache, logits_bV, key, t, temperature, top_p,
     return out_bt, i, lg_btV
 
 
-def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None, pad_id: int = 0,
-             chunk_segments: int = 16, return_logits: bool = False, progress: bool = False):
-    """Continues `prompt_ids` ([l] or [b, l] ints, l >= 1; rows share l) by t = `max_new_tokens` tokens.
+def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(), *,
+             return_logits: bool = False, **prefill_options):
+    """Continues `prompt_ids` ([l] or [b, l] ints, l >= 1; rows share l) by t = `max_new_tokens` tokens, each
+    picked as `sampling` says; `prefill_options` go to `prefill` (chunk_segments, pad_id, progress).
 
     Returns int32 [b, t] (or [t] for a 1-D prompt); with return_logits also the
-    float32 logits [b, t, V] each token was chosen from. After a row emits eos_id it keeps emitting eos_id;
+    float32 logits [b, t, V] each token was chosen from. After a row emits sampling.eos_id it keeps emitting it;
     decoding stops early once every row has. Same seed and settings → same tokens. `progress`: a bar over the
     prompt's prefill (the new tokens come from one compiled loop).
     """
     decode.check_streamable(model.cfg)
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     squeeze = np.ndim(prompt_ids) == 1
-    logits_bV, cache = prefill(model, prompt_ids, chunk_segments=chunk_segments, pad_id=pad_id, progress=progress)
+    logits_bV, cache = prefill(model, prompt_ids, **prefill_options)
     b, vocab = logits_bV.shape
     t = int(max_new_tokens)
     if t <= 0:
         out, logits = np.zeros((b, 0), np.int32), np.zeros((b, 0, vocab), np.float32)
     else:
         graphdef, params = nnx.split(model)
-        out, count, logits = _decode_loop(graphdef, params, cache, logits_bV, jax.random.PRNGKey(seed), t,
-                                          float(temperature), float(top_p), eos_id, bool(return_logits))
+        plan = (t, float(sampling.temperature), float(sampling.top_p), sampling.eos_id, bool(return_logits))
+        out, count, logits = _decode_loop(graphdef, params, cache, logits_bV, jax.random.PRNGKey(sampling.seed), plan)
         count = int(count)
         out = np.asarray(out)[:, :count]
         logits = np.asarray(logits)[:, :count] if return_logits else None
@@ -178,18 +194,19 @@ def generate(model: InfiniTransformer, prompt_ids, max_new_tokens: int, *, tempe
     return out
 
 
-def generate_text(model: InfiniTransformer, tokenizer, prompt: str, max_new_tokens: int, *, add_bos: bool = True,
-                  stop_at_eos: bool = True, **kw) -> str:
-    """Encodes `prompt` (bos first), generates, and decodes the new tokens (up to eos)."""
+def generate_text(model: InfiniTransformer, tokenizer, prompt: str, max_new_tokens: int,
+                  sampling: Optional[Sampling] = None, *, add_bos: bool = True) -> str:
+    """Encodes `prompt` (bos first), generates, and decodes the new tokens (up to sampling.eos_id when set).
+    sampling None: greedy, stopping at the tokenizer's eos."""
     from infini_jax.data.tokenizers import check_vocab
 
     check_vocab(tokenizer, model.cfg.vocab_size)
+    sampling = Sampling(eos_id=tokenizer.eos_id) if sampling is None else sampling
     ids = ([tokenizer.bos_id] if add_bos else []) + list(tokenizer.encode(prompt))
-    out_t = generate(model, np.asarray(ids, np.int32), max_new_tokens, pad_id=tokenizer.pad_id,
-                     eos_id=tokenizer.eos_id if stop_at_eos else None, **kw)
+    out_t = generate(model, np.asarray(ids, np.int32), max_new_tokens, sampling, pad_id=tokenizer.pad_id)
     ids_out = [int(t) for t in out_t]
-    if stop_at_eos and tokenizer.eos_id in ids_out:
-        ids_out = ids_out[:ids_out.index(tokenizer.eos_id)]
+    if sampling.eos_id is not None and sampling.eos_id in ids_out:
+        ids_out = ids_out[:ids_out.index(sampling.eos_id)]
     return tokenizer.decode(ids_out)
 
 

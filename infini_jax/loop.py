@@ -86,9 +86,8 @@ def train_and_evaluate(config, workdir: epath.PathLike, *, progress: bool = True
     mesh = shd.make_mesh(config.mesh)
     bs = int(train["batch_size"])
     check_mesh(mesh, model_cfg, bs, int(optim["grad_accum"]))
-    data_index, data_count = shd.data_shard(mesh, bs)
     train_iter = make_iterator(config.data, split="train", train=True, seq_len=model_cfg.seq_len, batch_size=bs,
-                               process_index=data_index, process_count=data_count,
+                               shard=shd.data_shard(mesh, bs),
                                segment_len=model_cfg.segment_len)  # a missing data_dir fails here
     if train["init_from"]:
         check_init_from(train["init_from"], model_cfg)  # fails here if it cannot start this model
@@ -106,12 +105,12 @@ def train_and_evaluate(config, workdir: epath.PathLike, *, progress: bool = True
         logger = stack.enter_context(_Logger(workdir, is_main))
 
         # ------------------------------------------------------------ state: resume, init_from or fresh
-        tx, lr_fn, gate_lr_fn = optim_lib.make_optimizer(optim, int(train["steps"]))
-        graphdef, state, state_sh = start_state(run, ckpt, tx, train_iter)
+        optimizer = optim_lib.make_optimizer(optim, int(train["steps"]))
+        graphdef, state, state_sh = start_state(run, ckpt, optimizer.tx, train_iter)
 
         # ------------------------------------------------------------ the step and the evaluators
-        train_step = make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh,
-                                     grad_accum=int(optim["grad_accum"]), gate_lr_fn=gate_lr_fn)
+        train_step = make_train_step(graphdef, optimizer, mesh=mesh, state_shardings=state_sh,
+                                     grad_accum=int(optim["grad_accum"]))
         evaluators = [evals.Perplexity("eval", every=int(train["eval_every"]), batches=int(train["eval_batches"])),
                       evals.Gates("gates", every=int(train["eval_every"])),
                       *(evals.from_config(config.evals) if "evals" in config else [])]

@@ -83,6 +83,12 @@ class ModelConfig:
         """RoPE as attention.apply_rope takes it: rope_base, or rope_base and rope_scaling in one tuple."""
         return (self.rope_base, *self.rope_scaling) if self.rope_scaling else self.rope_base
 
+    @property
+    def infini_options(self) -> attn.SequenceOptions:
+        """The static settings of the layers' Infini-attention (attention.infini_attention_sequence)."""
+        return attn.SequenceOptions(segment_len=self.segment_len, rule=self.rule, mode=self.mode,
+                                    rope_base=self.rope, remat=self.remat_segments)
+
     def __post_init__(self):
         checks = [
             (self.attention in ATTENTIONS, f"unknown attention {self.attention!r}: use one of {ATTENTIONS}"),
@@ -176,17 +182,17 @@ class Attention(nnx.Module):
         if cfg.attention == "infini":
             memory = attn.reset_memory(memory, reset_b)
             out_blhk, memory = context.infini_attention_sequence(  # split over the context axis if any
-                q_blhk, k_blgk, v_blgk, self.gate_logit[...], segment_len=cfg.segment_len,
-                rule=cfg.rule, memory=memory, mode=cfg.mode, rope_base=cfg.rope, write_scale_bs=write_scale_bs,
-                remat=cfg.remat_segments)
+                q_blhk, k_blgk, v_blgk, self.gate_logit[...], cfg.infini_options, memory, write_scale_bs)
         elif cfg.attention == "xl":  # the cached half's K/V: current weights on stop-gradient previous inputs
             cache = baselines.reset_xl_cache(memory, reset_b)
             xp_bld = baselines.xl_previous_inputs(x, cache, cfg.segment_len)
             kp_blgk = dense(xp_bld, wk_dgk)  # [B,L,D] x [D,G,K] -> [B,L,G,K]
             vp_blgk = dense(xp_bld, wv_dgk)  # [B,L,D] x [D,G,K] -> [B,L,G,K]
-            out_blhk = baselines.xl_attention_sequence(q_blhk, k_blgk, v_blgk, kp_blgk, vp_blgk, cache.valid,
-                                                  segment_len=cfg.segment_len, rope_base=cfg.rope)
-            memory = baselines.XLCache(x=x[:, -cfg.segment_len:].astype(cache.x.dtype), valid=jnp.ones_like(cache.valid))
+            out_blhk = baselines.xl_attention_sequence(q_blhk, k_blgk, v_blgk,
+                                                       baselines.PrevKV(kp_blgk, vp_blgk, cache.valid),
+                                                       segment_len=cfg.segment_len, rope_base=cfg.rope)
+            memory = baselines.XLCache(x=x[:, -cfg.segment_len:].astype(cache.x.dtype),
+                                       valid=jnp.ones_like(cache.valid))
         elif cfg.attention == "local":
             out_blhk = baselines.local_attention_sequence(
                 q_blhk, k_blgk, v_blgk, segment_len=cfg.segment_len, rope_base=cfg.rope)

@@ -20,7 +20,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +87,16 @@ def _scaler(o: dict) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def make_optimizer(optim_cfg: Mapping[str, Any], total_steps: int):
-    """(optax transformation, lr schedule, gate lr schedule) for config.optim and config.train.steps."""
+class Optimizer(NamedTuple):
+    """config.optim built: the optax transformation and the schedules it follows (the step logs them)."""
+
+    tx: optax.GradientTransformation
+    lr_fn: Callable  # step -> learning rate
+    gate_lr_fn: Optional[Callable] = None  # step -> the gates' learning rate; None: not logged
+
+
+def make_optimizer(optim_cfg: Mapping[str, Any], total_steps: int) -> Optimizer:
+    """Optimizer(optax transformation, lr schedule, gate lr schedule) for config.optim and config.train.steps."""
     o = optim_config(optim_cfg)
     sched_args = dict(total_steps=int(total_steps), warmup_steps=int(o["warmup_steps"]), schedule=o["schedule"],
                       min_lr_ratio=float(o["min_lr_ratio"]))
@@ -101,4 +109,4 @@ def make_optimizer(optim_cfg: Mapping[str, Any], total_steps: int):
     if o["clip_norm"]:
         parts.append(optax.clip_by_global_norm(float(o["clip_norm"])))
     parts.append(optax.multi_transform({"default": default, "gate": gate}, param_labels))
-    return optax.chain(*parts), lr, gate_lr
+    return Optimizer(optax.chain(*parts), lr, gate_lr)

@@ -53,3 +53,23 @@ def delta_transitions(sk_bsnhk, z_prev_bshk, c_bs):
     eye_kj = jnp.eye(d_key, dtype=jnp.float32)
     # [B,S,N,H,K] x [B,S,N,H] x [B,S,N,H,J] -> [B,S,H,K,J]
     return eye_kj - jnp.einsum("bsnhk,bsnh,bsnhj->bshkj", sk_bsnhk, inv_bsnh, sk_bsnhk, precision=hp)
+
+
+def memory_before_segments(m0_bhkv, z0_bhk, sk_bsnhk, v32_bsnhv, c_bs, rule: str):
+    """From M_0, z_0: the memory each segment reads, (M_{s-1} [B, S, H, K, V], z_{s-1} [B, S, H, K]), and the
+    memory after the last segment, (M_S, z_S) (the formulas above; the delta rule by associative_scan)."""
+    dz_bshk, write_bshkv = segment_writes(sk_bsnhk, v32_bsnhv, c_bs)
+    zx_bshk, zi_bshk = exclusive_cumsum(dz_bshk)
+    z_prev_bshk = z0_bhk[:, None] + zx_bshk
+    if rule == "linear":
+        mx_bshkv, mi_bshkv = exclusive_cumsum(write_bshkv)
+        m_prev_bshkv = m0_bhkv[:, None] + mx_bshkv
+        m_final_bhkv = m0_bhkv + mi_bshkv[:, -1]
+    else:
+        a_bshkj = delta_transitions(sk_bsnhk, z_prev_bshk, c_bs)
+        pa_bshkj, pb_bshkv = jax.lax.associative_scan(compose, (a_bshkj, write_bshkv), axis=1)
+        # M_s = P_A(s) M_0 + P_B(s); [B,S,H,K,J] x [B,H,J,V] -> [B,S,H,K,V]
+        mi_bshkv = jnp.einsum("bshkj,bhjv->bshkv", pa_bshkj, m0_bhkv, precision=MEMORY_PRECISION) + pb_bshkv
+        m_prev_bshkv = jnp.concatenate([m0_bhkv[:, None], mi_bshkv[:, :-1]], axis=1)
+        m_final_bhkv = mi_bshkv[:, -1]
+    return m_prev_bshkv, z_prev_bshk, (m_final_bhkv, z0_bhk + zi_bshk[:, -1])

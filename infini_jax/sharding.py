@@ -209,8 +209,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_shard(mesh: Mesh, batch_size: int) -> tuple[int, int]:
-    """(index, count) of the block of global batch rows this process feeds: pass them to the data iterator
-    as process_index / process_count. Equal to (process_index, process_count) when the batch axes span
+    """(index, count) of the block of global batch rows this process feeds: the data iterator's shard
+    (data.make_iterator(shard=...)). Equal to (process_index, process_count) when the batch axes span
     the processes in order; processes that hold the same rows (a tensor axis across hosts) get the same
     index, so they read the same data."""
     idx_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))

@@ -31,7 +31,7 @@ the loop then stops with NonFiniteLossError and never saves it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -243,11 +243,14 @@ def segment_sums(graphdef, params, batch, memory, byte_table_V):
 
 # --------------------------------------------------------------------------- the steps
 
-def make_train_step(graphdef, tx, lr_fn: Callable, *, mesh, state_shardings, grad_accum: int = 1,
-                    gate_lr_fn: Optional[Callable] = None, jit: bool = True):
+def make_train_step(graphdef, optimizer: optim_lib.Optimizer, *, mesh, state_shardings, grad_accum: int = 1,
+                    jit: bool = True):
     """The train step `(state, batch) -> (state, metrics)`, jitted with shardings and the state donated.
+    `optimizer`: optim.make_optimizer's (optax transformation, lr schedule, gate lr schedule or None); the
+    schedules only feed the metrics.
     When `state_shardings.memory` is set (train.carry_memory), the step starts from state.memory under
     stop_gradient and stores the new final memory in the returned state."""
+    tx, lr_fn, gate_lr_fn = optimizer
     batch_sh = shd.batch_sharding(mesh, 2)
     row_sh = shd.batch_sharding(mesh, 1)
     memory_sh = state_shardings.memory

@@ -30,10 +30,10 @@ def _inputs(seed=0):
 @pytest.mark.parametrize("mode", A.MODES)
 def test_grouped_memory_equals_repeated_kv(rule, mode):
     q, k, v, beta = _inputs()
-    out_g, st_g = A.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule, mode=mode, rope_base=100.0)
+    opts = A.SequenceOptions(N, rule, mode, rope_base=100.0)
+    out_g, st_g = A.infini_attention_sequence(q, k, v, beta, opts)
     k_rep, v_rep = A.repeat_heads(k, H), A.repeat_heads(v, H)
-    out_r, st_r = A.infini_attention_sequence(q, k_rep, v_rep, beta, segment_len=N, rule=rule, mode=mode,
-                                              rope_base=100.0)
+    out_r, st_r = A.infini_attention_sequence(q, k_rep, v_rep, beta, opts)
     assert st_g.M.shape == (B, G, K, V) and st_g.z.shape == (B, G, K)
     np.testing.assert_allclose(out_g, out_r, atol=1e-5, rtol=1e-5)
     # every query head of a group held the same memory: the group's
@@ -47,9 +47,10 @@ def test_grouped_xl_and_local_equal_repeated_kv():
     k_rep, v_rep = A.repeat_heads(k, H), A.repeat_heads(v, H)
     kp, vp = jnp.roll(k, N, axis=1), jnp.roll(v, N, axis=1)  # any previous-segment keys/values will do
     valid = jnp.array([True, False])
-    out_g = baselines.xl_attention_sequence(q, k, v, kp, vp, valid, segment_len=N, rope_base=100.0)
-    out_r = baselines.xl_attention_sequence(q, k_rep, v_rep, A.repeat_heads(kp, H), A.repeat_heads(vp, H), valid,
-                                    segment_len=N, rope_base=100.0)
+    out_g = baselines.xl_attention_sequence(q, k, v, baselines.PrevKV(kp, vp, valid), segment_len=N, rope_base=100.0)
+    out_r = baselines.xl_attention_sequence(q, k_rep, v_rep,
+                                            baselines.PrevKV(A.repeat_heads(kp, H), A.repeat_heads(vp, H), valid),
+                                            segment_len=N, rope_base=100.0)
     np.testing.assert_allclose(out_g, out_r, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(baselines.local_attention_sequence(q, k, v, segment_len=N),
                                baselines.local_attention_sequence(q, k_rep, v_rep, segment_len=N), atol=1e-6)
@@ -58,7 +59,7 @@ def test_grouped_xl_and_local_equal_repeated_kv():
 def test_heads_must_be_a_multiple_of_kv_heads():
     q, k, v, beta = _inputs()
     with pytest.raises(ValueError, match="multiple of k's"):
-        A.infini_attention_sequence(q[:, :, :5], k, v, beta[:5], segment_len=N, rule="linear")
+        A.infini_attention_sequence(q[:, :, :5], k, v, beta[:5], A.SequenceOptions(N, "linear"))
 
 
 def test_gqa_model_keeps_one_memory_per_kv_head():

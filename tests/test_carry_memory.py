@@ -44,7 +44,8 @@ def trainer(model_items, mesh_items, rows, grad_accum=1, zero_lr=True):
     else:
         tx, lr_fn, _ = optim_lib.make_optimizer({**OPTIM, "grad_accum": grad_accum}, 10)
     graphdef, state, state_sh, _ = T.create_train_state(model_cfg, tx, mesh, seed=0, memory_rows=rows)
-    step = T.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh, grad_accum=grad_accum)
+    step = T.make_train_step(graphdef, optim_lib.Optimizer(tx, lr_fn), mesh=mesh, state_shardings=state_sh,
+                             grad_accum=grad_accum)
     return graphdef, jax.device_get(state), state_sh, step, mesh
 
 

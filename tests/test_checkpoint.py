@@ -51,10 +51,9 @@ class FakeIterator:
 
 
 def fake_make_iterator(sigterm_at=None, nan_at=None):
-    def make(data_cfg, *, seq_len, batch_size, split, process_index=0, process_count=1, train=True,
-             segment_len=None):
+    def make(data_cfg, *, seq_len, batch_size, split, shard=(0, 1), train=True, segment_len=None):
         n = None if train else int(data_cfg["num_batches"])
-        return FakeIterator(seq_len, batch_size // process_count, split, n, *((sigterm_at, nan_at) if train else ()))
+        return FakeIterator(seq_len, batch_size // shard[1], split, n, *((sigterm_at, nan_at) if train else ()))
     return make
 
 

@@ -42,8 +42,8 @@ def _inputs(seed=0):
 def _loss_and_grads(rule, mode, mesh=None, **kw):
     """(loss, final memory, outputs) and the gradients w.r.t. q, k, v, β and the incoming memory."""
     def f(q, k, v, beta, state):
-        out, final = C.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule, mode=mode, memory=state,
-                                                 rope_base=100.0, **kw)
+        out, final = C.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, rule, mode, rope_base=100.0),
+                                                 memory=state, **kw)
         return jnp.sum(out ** 2) + jnp.sum(final.M ** 2) + jnp.sum(final.z), (out, final)
 
     fn = jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)
@@ -74,7 +74,7 @@ def test_write_scale_and_empty_memory_split_over_context(rule):
     q, k, v, beta, _, scale = _inputs(1)
 
     def f(q, k, v, beta, scale):
-        return C.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule, write_scale_bs=scale)
+        return C.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, rule), write_scale_bs=scale)
 
     want = f(q, k, v, beta, scale)
     with jax.set_mesh(shd.make_mesh(DATA2_CONTEXT4)):
@@ -86,7 +86,7 @@ def test_context_split_is_checked_before_tracing():
     q, k, v, beta, _, _ = _inputs()
     with jax.set_mesh(shd.make_mesh(dict(data=1, fsdp=1, context=8, tensor=1))):
         with pytest.raises(ValueError, match="make model.n_segments a multiple of 8"):
-            C.infini_attention_sequence(q[:, :6 * N], k[:, :6 * N], v[:, :6 * N], beta, segment_len=N, rule="delta")
+            C.infini_attention_sequence(q[:, :6 * N], k[:, :6 * N], v[:, :6 * N], beta, A.SequenceOptions(N, "delta"))
     with pytest.raises(ValueError, match="model.n_segments=6 is not divisible by the mesh context axis \\(4\\)"):
         shd.check_divisibility(shd.make_mesh(DATA2_CONTEXT4), num_heads=4, n_segments=6)
 
@@ -182,7 +182,7 @@ def test_train_step_split_over_context_equals_one_device(params):
         graphdef, _, state_sh, _ = T.create_train_state(model_cfg, tx, mesh, init=False)
         state = jax.device_put(T.TrainState(step=np.zeros((), np.int32), params=params, opt_state=tx.init(params),
                                             rng=np.asarray(jax.random.PRNGKey(1))), state_sh)
-        step = T.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh)
+        step = T.make_train_step(graphdef, optim_lib.Optimizer(tx, lr_fn), mesh=mesh, state_shardings=state_sh)
         losses = []
         for i in range(2):
             state, metrics = step(state, shd.global_batch(_batch(i), mesh))

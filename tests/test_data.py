@@ -1,32 +1,16 @@
-"""Data pipelines: passkey, document sources, long-document windows, BookSum, make_iterator, PG19 via tfds."""
+"""Data pipelines: passkey, long-document windows, make_iterator (its errors, config keys, prefetching). The
+document sources (directories, BookSum, PG19 via tfds) and tokenizers are in tests/test_data_sources.py."""
 
-import importlib.util
 import json
 
-import ml_collections
 import numpy as np
 import pytest
-from _shared import CORPUS, needs_corpus, mistral_model  # noqa: F401
+from _data import TOK, _cfg, _check_batch
+from _shared import CORPUS, needs_corpus
 
-from infini_jax.data import (ByteTokenizer, DirectorySource, PasskeyIterator, PasskeyStream, WindowIterator,
-                             booksum_example, build_pg19, iter_example_windows, load_tokenizer, make_iterator,
-                             make_passkey_example, passkey_text, rouge_scores, text_example)
+from infini_jax.data import (PasskeyIterator, PasskeyStream, WindowIterator, Windows, iter_example_windows,
+                             make_iterator, make_passkey_example, passkey_text, text_example)
 from infini_jax.data.passkey import FILLER, INTRO, QUESTION
-
-HAS_TF = importlib.util.find_spec("tensorflow") is not None
-needs_tf = pytest.mark.skipif(not HAS_TF, reason="tensorflow not installed (needed once to build pg19)")
-TOK = ByteTokenizer()
-
-
-def _cfg(**kw):
-    return ml_collections.ConfigDict(kw)
-
-
-def _check_batch(batch, B, L):
-    assert batch["tokens"].shape == (B, L) and batch["tokens"].dtype == np.int32
-    assert batch["targets"].shape == (B, L) and batch["targets"].dtype == np.int32
-    assert batch["loss_mask"].shape == (B, L) and batch["loss_mask"].dtype == np.float32
-    assert batch["reset"].shape == (B,) and batch["reset"].dtype == bool
 
 
 # ----------------------------------------------------------------------------------------------- passkey
@@ -193,14 +177,14 @@ def test_windows_single_document_exact():
 
 def test_windows_eval_every_token_once_and_resets():
     docs = _docs(13)
-    it = WindowIterator(len(docs), _example_fn(docs), seq_len=64, batch_size=3, pad_id=0, train=False)
+    it = WindowIterator(len(docs), _example_fn(docs), Windows(seq_len=64, batch_size=3, pad_id=0, train=False))
     got, _ = _collect(it)
     assert sorted(got) == list(range(13))
     for d, toks in got.items():
         np.testing.assert_array_equal(toks, np.concatenate([docs[d], [2]]))
     # reset semantics: row keeps its document until done
-    it = WindowIterator(2, _example_fn([np.arange(3, 200), np.arange(3, 50)]), seq_len=64, batch_size=1,
-                        pad_id=0, train=False)
+    it = WindowIterator(2, _example_fn([np.arange(3, 200), np.arange(3, 50)]),
+                        Windows(seq_len=64, batch_size=1, pad_id=0, train=False))
     resets = [bool(b["reset"][0]) for b in it]
     assert resets == [True, False, False, False, True]
 
@@ -216,8 +200,8 @@ def test_windows_per_host_disjoint_and_covering():
     docs = _docs(11, seed=1)
     seen = []
     for p in range(3):
-        it = WindowIterator(len(docs), _example_fn(docs), seq_len=64, batch_size=2, pad_id=0, train=False,
-                            process_index=p, process_count=3)
+        it = WindowIterator(len(docs), _example_fn(docs),
+                            Windows(seq_len=64, batch_size=2, pad_id=0, train=False, shard=(p, 3)))
         got, _ = _collect(it)
         for d, toks in got.items():
             np.testing.assert_array_equal(toks, np.concatenate([docs[d], [2]]))
@@ -229,14 +213,14 @@ def test_windows_per_host_disjoint_and_covering():
 def test_windows_eval_num_batches_pads_and_truncates():
     docs = _docs(3, max_len=50)
     fn = _example_fn(docs)
-    batches = list(WindowIterator(3, fn, seq_len=64, batch_size=2, pad_id=0, train=False, num_batches=5))
+    batches = list(WindowIterator(3, fn, Windows(seq_len=64, batch_size=2, pad_id=0, train=False, num_batches=5)))
     assert len(batches) == 5 and batches[-1]["loss_mask"].sum() == 0
 
 
 def test_windows_train_shuffled_seeded_epochs():
     docs = _docs(5, max_len=100)  # every doc fits one window of 128
     def order(seed, n=15):
-        it = WindowIterator(5, _example_fn(docs), seq_len=128, batch_size=1, pad_id=0, train=True, seed=seed)
+        it = WindowIterator(5, _example_fn(docs), Windows(seq_len=128, batch_size=1, pad_id=0, train=True, seed=seed))
         out = []
         for _ in range(n):
             b = next(it)
@@ -252,8 +236,8 @@ def test_windows_train_shuffled_seeded_epochs():
 @pytest.mark.parametrize("train", [True, False])
 def test_windows_state_restore_exact(train):
     docs = _docs(9, seed=2)
-    make = lambda: WindowIterator(len(docs), _example_fn(docs), seq_len=32, batch_size=3, pad_id=0, train=train,
-                                  seed=5, process_index=1, process_count=2)
+    make = lambda: WindowIterator(len(docs), _example_fn(docs),
+                                  Windows(seq_len=32, batch_size=3, pad_id=0, train=train, seed=5, shard=(1, 2)))
     it = make()
     for _ in range(5):
         next(it)
@@ -270,93 +254,12 @@ def test_windows_state_restore_exact(train):
         make().set_state(bad)
 
 
-# -------------------------------------------------------------------------------------------- documents
-@needs_corpus
-def test_arxiv_math_directory_source_and_iterator():
-    root = CORPUS / "arxiv_math"
-    sizes = {s: len(DirectorySource(root, s)) for s in ("train", "validation", "test")}
-    assert sizes == {"train": 11, "validation": 2, "test": 2}
-    src = DirectorySource(root, "validation")
-    doc_id, text = src[0]
-    assert doc_id.endswith(".tex") and text.startswith("%")
-    cfg = _cfg(name="text", data_dir=str(root), tokenizer="byte")
-    it = make_iterator(cfg, seq_len=4096, batch_size=2, split="validation", train=False)
-    scored = 0
-    for batch in it:
-        _check_batch(batch, 2, 4096)
-        scored += int(batch["loss_mask"].sum())
-    assert scored == sum(len(t.encode()) + 1 for _, t in src)  # every byte + eos, once
-
-
-def test_directory_source_flat_jsonl_and_split(tmp_path):
-    (tmp_path / "a.txt").write_text("first doc")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x"}) + "\n\n" + json.dumps({"text": "y"}) + "\n")
-    src = DirectorySource(tmp_path, "validation")  # flat dir serves any split
-    assert [d for d, _ in src] == ["a.txt", "b.jsonl:1", "b.jsonl:3"]
-    assert [t for _, t in src] == ["first doc", "x", "y"]
-    assert len(DirectorySource(tmp_path / "b.jsonl", "train")) == 2
-
-
-def test_directory_source_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing_dir.*does not exist"):
-        DirectorySource(tmp_path / "missing_dir", "train")
-    with pytest.raises(ValueError, match="not set"):
-        DirectorySource(None, "train")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no document files.*empty"):
-        DirectorySource(tmp_path / "empty", "train")
-    (tmp_path / "splits" / "train").mkdir(parents=True)
-    (tmp_path / "splits" / "train" / "a.txt").write_text("hello")
-    with pytest.raises(ValueError, match="split 'test' has no folder.*train"):
-        DirectorySource(tmp_path / "splits", "test")
-    (tmp_path / "splits" / "validation").mkdir()
-    with pytest.raises(ValueError, match="no document files.*split 'validation'"):
-        DirectorySource(tmp_path / "splits", "validation")
-    (tmp_path / "splits" / "train" / "empty.txt").write_text("")
-    with pytest.raises(ValueError, match="empty.txt.*empty"):
-        DirectorySource(tmp_path / "splits", "train")
-    (tmp_path / "splits" / "train" / "empty.txt").unlink()
-    (tmp_path / "splits" / "train" / "bad.md").write_bytes(b"\xff\xfe\xfa not utf8")
-    src = DirectorySource(tmp_path / "splits", "train")
-    with pytest.raises(ValueError, match="bad.md.*UTF-8"):
-        src[[src.doc_id(i) for i in range(len(src))].index("bad.md")]
-    (tmp_path / "j").mkdir()
-    (tmp_path / "j" / "d.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match="no field 'text'"):
-        DirectorySource(tmp_path / "j", "train")[0]
-
-
-# --------------------------------------------------------------------------------------------- booksum
-def test_booksum_mask_and_windows(tmp_path):
-    ex = booksum_example(TOK, "D" * 300, "the summary", separator="|")
-    seq, score = ex
-    assert TOK.decode(seq[score > 0]) == "the summary"
-    assert seq[score > 0][-1] == TOK.eos_id and score.sum() == len("the summary") + 1
-    rows = [{"document": "long book " * 50, "summary": "short."}, {"document": "tiny", "summary": "t."}]
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "bs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = _cfg(name="booksum", data_dir=str(tmp_path), separator=" => ")
-    batches = list(make_iterator(cfg, seq_len=128, batch_size=1, split="train", train=False))
-    assert len(batches) == 4 + 1  # 500 + 4 + 6 + 1 tokens -> 4 windows; the tiny one fits one
-    assert [bool(b["reset"][0]) for b in batches] == [True, False, False, False, True]
-    assert all(b["loss_mask"].sum() == 0 for b in batches[:3])  # the left part of the book is context only
-    assert TOK.decode(batches[3]["targets"][0][batches[3]["loss_mask"][0] > 0]) == "short."
-    assert TOK.decode(batches[3]["tokens"][0]).endswith("book  => short.")
-
-
-def test_rouge_helper():
-    s = rouge_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
-    assert s["rouge1"] == pytest.approx(100) and s["rougeL"] == pytest.approx(100)
-    low = rouge_scores(["dogs bark loudly"], ["the cat sat on the mat"])
-    assert low["rouge1"] == 0 and set(low) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
-
-
 # ------------------------------------------------------------------------------------------ make_iterator
 def test_make_iterator_errors(tmp_path):
     with pytest.raises(ValueError, match="valid.*passkey.*text.*pg19.*booksum"):
         make_iterator(_cfg(name="c4"), seq_len=64, batch_size=2, split="train")
     with pytest.raises(ValueError, match="divisible"):
-        make_iterator(_cfg(name="passkey"), seq_len=256, batch_size=3, split="train", process_count=2)
+        make_iterator(_cfg(name="passkey"), seq_len=256, batch_size=3, split="train", shard=(0, 2))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         make_iterator(_cfg(name="text", data_dir=str(tmp_path / "nowhere")), seq_len=64, batch_size=2, split="train")
     with pytest.raises(FileNotFoundError, match="build-pg19"):
@@ -364,74 +267,6 @@ def test_make_iterator_errors(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         make_iterator(_cfg(name="passkey", tokenizer=str(tmp_path / "x.model")), seq_len=64, batch_size=2,
                       split="train")
-
-
-# -------------------------------------------------------------------------------------------------- pg19
-@pytest.fixture(scope="module")
-def pg19_dir(tmp_path_factory):
-    if not CORPUS.is_dir():
-        pytest.skip(f"shared corpus {CORPUS} absent")
-    if not HAS_TF:
-        pytest.skip("tensorflow not installed (needed once to build pg19)")
-    out = tmp_path_factory.mktemp("tfds")
-    counts = build_pg19(str(CORPUS / "pg19"), str(out))
-    assert counts == {"train": 8, "validation": 2, "test": 2}
-    return out
-
-
-@needs_corpus
-@needs_tf
-def test_pg19_build_and_read_tf_free(pg19_dir):
-    import subprocess
-    import sys
-    code = ("import sys, json; import tensorflow_datasets as tfds; "
-            f"ds = tfds.data_source('pg19', data_dir={str(pg19_dir)!r}, split='test'); "
-            "ids = sorted(int(ds[i]['book_id']) for i in range(len(ds))); "
-            "print(json.dumps([ids, 'tensorflow' in sys.modules]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    ids, tf_loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert ids == [972, 18304] and not tf_loaded
-
-
-@needs_corpus
-@needs_tf
-def test_pg19_iterator_every_token_once(pg19_dir):
-    cfg = _cfg(name="pg19", data_dir=str(pg19_dir), tokenizer="byte")
-    it = make_iterator(cfg, seq_len=8192, batch_size=2, split="validation", train=False)
-    scored, firsts = 0, 0
-    for batch in it:
-        scored += int(batch["loss_mask"].sum())
-        firsts += int((batch["reset"] & (it.last_doc_index >= 0)).sum())
-    books = [(CORPUS / "pg19" / "validation" / f).read_text(encoding="utf-8").strip()
-             for f in ("1661.txt", "14263.txt")]
-    assert firsts == 2 and scored == sum(len(b.encode()) + 1 for b in books)
-    train = make_iterator(cfg, seq_len=1024, batch_size=4, split="train", process_index=1, process_count=2)
-    batch = next(train)
-    _check_batch(batch, 2, 1024)
-    assert batch["reset"].all() and batch["loss_mask"].all()
-
-
-def test_load_tokenizer_from_config_field():
-    assert isinstance(load_tokenizer(_cfg(tokenizer="byte").tokenizer), ByteTokenizer)
-
-
-
-
-@pytest.mark.skipif(mistral_model() is None, reason="mistral-common (ships a SentencePiece model) not installed")
-def test_sentencepiece_passkey_and_windows(tmp_path):
-    tok = load_tokenizer(str(mistral_model()))
-    for depth in (0.0, 0.5, 1.0):
-        ex = make_passkey_example(tok, 500, depth, passkey="9054")
-        prompt, answer = passkey_text(ex.n_filler, depth, "9054")
-        # piecewise encoding == encoding the whole text (SentencePiece's dummy prefix supplies the spaces)
-        assert ex.tokens[1:].tolist() == tok.encode(prompt + answer)
-        assert len(ex.tokens) <= 500 and ex.tokens[0] == tok.bos_id
-    (tmp_path / "d.txt").write_text("Some text to window. " * 30)
-    cfg = _cfg(name="text", data_dir=str(tmp_path), tokenizer=str(mistral_model()))
-    batches = list(make_iterator(cfg, seq_len=32, batch_size=1, split="train", train=False))
-    tgts = np.concatenate([b["targets"][0][b["loss_mask"][0] > 0] for b in batches])
-    assert tgts.tolist() == tok.encode("Some text to window. " * 30) + [tok.eos_id]
 
 
 def test_unknown_data_config_key_is_an_error():

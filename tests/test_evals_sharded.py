@@ -13,7 +13,7 @@ from flax import nnx
 from infini_jax import evals
 from infini_jax import sharding as shd
 from infini_jax.data.tokenizers import ByteTokenizer
-from infini_jax.data.windows import WindowIterator
+from infini_jax.data.windows import WindowIterator, Windows
 from infini_jax.model import InfiniTransformer, ModelConfig
 
 SEG = 8
@@ -42,7 +42,8 @@ def batches():
         score = np.ones(n, np.float32)
         score[0] = 0
         docs.append((seq, score))
-    return list(WindowIterator(len(docs), lambda i: docs[i], seq_len=2 * SEG, batch_size=4, pad_id=0, train=False))
+    return list(WindowIterator(len(docs), lambda i: docs[i], Windows(seq_len=2 * SEG, batch_size=4, pad_id=0,
+                                                                    train=False)))
 
 
 @pytest.fixture(scope="module")

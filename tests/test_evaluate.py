@@ -10,7 +10,7 @@ from flax import nnx
 
 from infini_jax import evals as ev
 from infini_jax.data.tokenizers import ByteTokenizer
-from infini_jax.data.windows import WindowIterator
+from infini_jax.data.windows import WindowIterator, Windows
 from infini_jax.model import InfiniTransformer, ModelConfig
 
 SEG = 8
@@ -67,7 +67,7 @@ def reference_nll(model, docs):
 def test_streaming_windows_equal_one_long_pass(attention):
     model = tiny(attention)
     docs = make_docs()
-    it = WindowIterator(len(docs), lambda i: docs[i], seq_len=2 * SEG, batch_size=2, pad_id=0, train=False)
+    it = WindowIterator(len(docs), lambda i: docs[i], Windows(seq_len=2 * SEG, batch_size=2, pad_id=0, train=False))
     res = ev.evaluate_perplexity(model, it, tokenizer=ByteTokenizer())
     tot, count, curve = reference_nll(model, docs)
     assert res["tokens"] == count == sum(len(s) - 1 for s, _ in docs)
@@ -86,7 +86,7 @@ def test_memory_is_carried_across_windows():
     """Resetting memory every window (no carry) must change the loss of an infini model: the carry is real."""
     model = tiny()
     docs = make_docs(lengths=(60,))
-    batches = list(WindowIterator(1, lambda i: docs[i], seq_len=2 * SEG, batch_size=1, pad_id=0, train=False))
+    batches = list(WindowIterator(1, lambda i: docs[i], Windows(seq_len=2 * SEG, batch_size=1, pad_id=0, train=False)))
     carried = ev.evaluate_perplexity(model, batches)["loss"]
     no_carry = ev.evaluate_perplexity(model, [dict(b, reset=np.ones(1, bool)) for b in batches])["loss"]
     assert abs(carried - no_carry) > 1e-4
@@ -149,8 +149,8 @@ def test_passkey_streaming_matches_direct_forward():
 
     model, tok = tiny(), ByteTokenizer()
     length, depths = 400, [0.0, 1.0]
-    a = ev.passkey_length(model, tok, length, depths, chunk_segments=1, seed=3)
-    b = ev.passkey_length(model, tok, length, depths, chunk_segments=7, seed=3)
+    a = ev.passkey_length(model, tok, length, depths, ev.PasskeyOptions(chunk_segments=1, seed=3))
+    b = ev.passkey_length(model, tok, length, depths, ev.PasskeyOptions(chunk_segments=7, seed=3))
     for ca, cb in zip(a, b):
         assert ca["token_accuracy"] == cb["token_accuracy"]
         np.testing.assert_allclose(ca["answer_nll"], cb["answer_nll"], rtol=1e-4)

@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from infini_jax.data.tokenizers import ByteTokenizer
-from infini_jax.generate import decode_step, generate, generate_text, prefill, sample_logits, teacher_forced_argmax
+from infini_jax.generate import (Sampling, decode_step, generate, generate_text, prefill, sample_logits,
+                                 teacher_forced_argmax)
 from infini_jax.model import InfiniTransformer, ModelConfig
 
 SEG = 8
@@ -101,14 +102,14 @@ def test_chunk_size_does_not_matter():
 def test_seeded_sampling_is_deterministic():
     model = tiny()
     prompt = np.arange(3, 23, dtype=np.int32)
-    a = generate(model, prompt, 2 * SEG, temperature=1.0, top_p=0.9, seed=7)
-    b = generate(model, prompt, 2 * SEG, temperature=1.0, top_p=0.9, seed=7)
-    c = generate(model, prompt, 2 * SEG, temperature=1.0, top_p=0.9, seed=8)
+    a = generate(model, prompt, 2 * SEG, Sampling(temperature=1.0, top_p=0.9, seed=7))
+    b = generate(model, prompt, 2 * SEG, Sampling(temperature=1.0, top_p=0.9, seed=7))
+    c = generate(model, prompt, 2 * SEG, Sampling(temperature=1.0, top_p=0.9, seed=8))
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     # a vanishing nucleus keeps only the top token: greedy
     g = generate(model, prompt, 2 * SEG)
-    np.testing.assert_array_equal(generate(model, prompt, 2 * SEG, temperature=1.0, top_p=1e-6, seed=3), g)
+    np.testing.assert_array_equal(generate(model, prompt, 2 * SEG, Sampling(temperature=1.0, top_p=1e-6, seed=3)), g)
 
 
 def test_top_p_support():
@@ -122,9 +123,9 @@ def test_eos_stops_and_text_roundtrip():
     model, tok = tiny(), ByteTokenizer()
     ids = generate(model, np.asarray([1, 70, 71], np.int32), 12)
     eos = int(ids[3])
-    out = generate(model, np.asarray([1, 70, 71], np.int32), 12, eos_id=eos)
+    out = generate(model, np.asarray([1, 70, 71], np.int32), 12, Sampling(eos_id=eos))
     assert out[-1] == eos and len(out) <= 4
-    rows = generate(model, np.asarray([[1, 70, 71], [1, 80, 81]], np.int32), 12, eos_id=eos)
+    rows = generate(model, np.asarray([[1, 70, 71], [1, 80, 81]], np.int32), 12, Sampling(eos_id=eos))
     first = list(rows[0]).index(eos)  # row 0 stops at eos and keeps emitting it while row 1 runs on
     assert (rows[0, first:] == eos).all() and rows.shape[1] > first + 1
     text = generate_text(model, tok, "The pass key is", 5)

@@ -55,8 +55,7 @@ def test_every_memory_dot_runs_at_highest_precision(rule, mode, grad, context):
     q, k, v = _qkv()
 
     def f(q, k, v):
-        out, st = C.infini_attention_sequence(q, k, v, jnp.zeros(H), segment_len=N, rule=rule, mode=mode,
-                                              rope_base=100.0)
+        out, st = C.infini_attention_sequence(q, k, v, jnp.zeros(H), A.SequenceOptions(N, rule, mode, rope_base=100.0))
         return jnp.sum(out ** 2) + jnp.sum(st.M) + jnp.sum(st.z)
 
     fn = jax.grad(f, argnums=(0, 1, 2)) if grad else f
@@ -144,13 +143,13 @@ def test_write_scale_scan_equals_parallel_and_ones_equal_none(rule):
     q, k, v = _qkv(2)
     beta = jnp.array([-1.0, 1.0])
     scale = jnp.array([[1.0, 7.0, 2.0], [30.0, 1.0, 1.0]])
-    outs = [A.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule, mode=m, write_scale_bs=scale)
+    outs = [A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, rule, m), write_scale_bs=scale)
             for m in A.MODES]
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(outs[0][1].M, outs[1][1].M, rtol=2e-4, atol=2e-4)
-    plain = A.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule)
-    ones = A.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule, write_scale_bs=jnp.ones((B, S)))
+    plain = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, rule))
+    ones = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, rule), write_scale_bs=jnp.ones((B, S)))
     np.testing.assert_array_equal(plain[0], ones[0])
     assert not np.allclose(outs[0][0], plain[0])  # the scale changes what later segments read
     with pytest.raises(ValueError, match="write_scale must have shape"):
-        A.infini_attention_sequence(q, k, v, beta, segment_len=N, rule=rule, write_scale_bs=jnp.ones((B, 2)))
+        A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, rule), write_scale_bs=jnp.ones((B, 2)))

@@ -80,10 +80,10 @@ WORKER = textwrap.dedent('''
         def set_state(self, state):
             self.inner.set_state(state)
 
-    def make_iterator(data_cfg, *, process_index=0, process_count=1, **kw):
+    def make_iterator(data_cfg, *, shard=(0, 1), **kw):
         if num_processes == 1:
-            return Concat([real_make_iterator(data_cfg, process_index=i, process_count=2, **kw) for i in range(2)])
-        return Slow(real_make_iterator(data_cfg, process_index=process_index, process_count=process_count, **kw))
+            return Concat([real_make_iterator(data_cfg, shard=(i, 2), **kw) for i in range(2)])
+        return Slow(real_make_iterator(data_cfg, shard=shard, **kw))
 
     out = loop.train_and_evaluate(config, workdir, progress=False, make_iterator=make_iterator)
     print("RESULT " + json.dumps({"process": jax.process_index(), "step": out["step"],

@@ -34,7 +34,8 @@ def run_steps(mesh_cfg, n_steps=2, devices=None, grad_accum=1, optim=OPTIM, mode
     graphdef, state, state_sh, _ = T.create_train_state(model_cfg, tx, mesh, seed=0, init=init_from is None)
     if init_from is not None:
         state = jax.device_put(init_from, state_sh)
-    step = T.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh, grad_accum=grad_accum)
+    step = T.make_train_step(graphdef, optim_lib.Optimizer(tx, lr_fn), mesh=mesh, state_shardings=state_sh,
+                             grad_accum=grad_accum)
     losses = []
     for i in range(n_steps):
         state, metrics = step(state, shd.global_batch(make_batch(i), mesh))
@@ -81,7 +82,7 @@ def test_metrics_loss_decreases_and_nonfinite_step_leaves_state_unchanged(init_s
     tx, lr_fn, glr = optim_lib.make_optimizer(OPTIM, 10)
     graphdef, _, state_sh, _ = T.create_train_state(ModelConfig(**MODEL), tx, mesh, init=False)
     state = jax.device_put(init_state, state_sh)
-    step = T.make_train_step(graphdef, tx, lr_fn, mesh=mesh, state_shardings=state_sh, gate_lr_fn=glr)
+    step = T.make_train_step(graphdef, optim_lib.Optimizer(tx, lr_fn, glr), mesh=mesh, state_shardings=state_sh)
     batch = shd.global_batch(make_batch(0), mesh)
     first = None
     for _ in range(6):

@@ -4,7 +4,7 @@ Every iterator yields per-host numpy batches in the contract format
 {"tokens": int32 [B, L], "targets": int32 [B, L], "loss_mask": float32 [B, L], "reset": bool [B]}
 with B = batch_size // process_count, and has get_state() -> JSON-able dict / set_state(dict).
 
-``make_iterator(data_cfg, *, seq_len, batch_size, split, process_index=0, process_count=1, train=True)``
+``make_iterator(data_cfg, *, seq_len, batch_size, split, shard=(0, 1), train=True, segment_len=None)``
 reads ``config.data``; every key, its default and its meaning is in infini_jax/configs/base.py (and the
 README's table). By source:
 
@@ -21,6 +21,8 @@ booksum    data_dir (a .jsonl file, or folder of them as for 'text'), document_f
 
 from __future__ import annotations
 
+import dataclasses
+
 import grain
 
 from infini_jax.data.booksum import BookSumSource, booksum_example, booksum_prompt, rouge_scores
@@ -28,14 +30,14 @@ from infini_jax.data.documents import DirectorySource, DocumentSource, PG19Sourc
 from infini_jax.data.passkey import (Haystack, PasskeyExample, PasskeyIterator, PasskeyStream,
                                      make_passkey_example, passkey_text)
 from infini_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, load_tokenizer
-from infini_jax.data.windows import WindowIterator, example_window, iter_example_windows, text_example
+from infini_jax.data.windows import WindowIterator, Windows, example_window, iter_example_windows, text_example
 
 VALID_NAMES = ("passkey", "text", "pg19", "booksum")
 
 __all__ = [
     "BookSumSource", "ByteTokenizer", "DirectorySource", "DocumentSource", "Haystack", "PG19Source",
     "PasskeyExample",
-    "PasskeyIterator", "PasskeyStream", "SentencePieceTokenizer", "VALID_NAMES", "WindowIterator",
+    "PasskeyIterator", "PasskeyStream", "SentencePieceTokenizer", "VALID_NAMES", "WindowIterator", "Windows",
     "booksum_example", "booksum_prompt", "build_pg19", "check_data_config", "example_window", "iter_example_windows",
     "load_tokenizer", "make_iterator", "prefetched", "make_passkey_example", "passkey_text", "rouge_scores", "text_example",
 ]
@@ -53,14 +55,20 @@ def check_data_config(data_cfg) -> dict:
     return d
 
 
-def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, process_index: int = 0,
-                  process_count: int = 1, train: bool = True, segment_len: int | None = None):
-    """The per-host batch iterator for config.data (see the module docstring for the fields read).
+def make_iterator(data_cfg, *, seq_len: int, batch_size: int, split: str, shard: tuple[int, int] = (0, 1),
+                  train: bool = True, segment_len: int | None = None):
+    """The per-host batch iterator for config.data (see the module docstring for the fields read): this host's
+    rows of the global `batch_size`, shard = (index, count) as sharding.data_shard gives it.
     segment_len: the model's, for sources that mark segments (passkey memory-mass augmentation).
     Training iterators run data.prefetch batches ahead on a background thread (see `prefetched`)."""
     d = check_data_config(data_cfg)
-    it = _source_iterator(d, seq_len=seq_len, batch_size=batch_size, split=split, process_index=process_index,
-                          process_count=process_count, train=train, segment_len=segment_len)
+    process_count = shard[1]
+    if batch_size % process_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
+    tokenizer = load_tokenizer(d["tokenizer"])
+    windows = Windows(seq_len=seq_len, batch_size=batch_size // process_count, pad_id=tokenizer.pad_id, train=train,
+                      seed=int(d["seed"]), shard=tuple(shard), num_batches=d["num_batches"] if not train else None)
+    it = _source_iterator(d, tokenizer, split, windows, segment_len)
     return prefetched(it, int(d["prefetch"])) if train and int(d["prefetch"]) > 0 else it
 
 
@@ -74,16 +82,9 @@ def prefetched(iterator, buffer_size: int):
     return grain.experimental.ThreadPrefetchDatasetIterator(iterator, buffer_size)
 
 
-def _source_iterator(d: dict, *, seq_len: int, batch_size: int, split: str, process_index: int, process_count: int,
-                     train: bool, segment_len: int | None):
-    name = d["name"]
-    if batch_size % process_count:
-        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
-    local_batch = batch_size // process_count
-    tokenizer = load_tokenizer(d["tokenizer"])
-    seed = int(d["seed"])
-    num_batches = d["num_batches"] if not train else None
-
+def _source_iterator(d: dict, tokenizer, split: str, windows: Windows, segment_len: int | None):
+    """config.data's source as an iterator of this host's batches, cut as `windows` says."""
+    name, train, seed, num_batches = d["name"], windows.train, windows.seed, windows.num_batches
     if name == "passkey":
         if not train and num_batches is None:
             num_batches = int(d["eval_batches"])
@@ -94,8 +95,8 @@ def _source_iterator(d: dict, *, seq_len: int, batch_size: int, split: str, proc
             sub = epath.Path(haystack) / split
             haystack = Haystack(tokenizer, sub if sub.is_dir() else haystack)
         return PasskeyIterator(
-            tokenizer, seq_len=seq_len, batch_size=local_batch,
-            seed=seed if train else seed + 1_000_003, process_index=process_index,
+            tokenizer, seq_len=windows.seq_len, batch_size=windows.batch_size,
+            seed=seed if train else seed + 1_000_003, process_index=windows.shard[0],
             n_digits=int(d["passkey_digits"]), min_len=d["passkey_min_len"],
             depth_min=float(d["passkey_depth_min"]), depth_max=float(d["passkey_depth_max"]),
             loss_on_all=bool(d["passkey_loss_on_all"]), intro=float(d["passkey_intro"]), num_batches=num_batches,
@@ -122,6 +123,6 @@ def _source_iterator(d: dict, *, seq_len: int, batch_size: int, split: str, proc
     # documents -> tokens as a Grain MapDataset: random access by document index, tokenized lazily
     docs = grain.MapDataset.source(source).map(to_example)
     n_docs, example_fn = len(docs), docs.__getitem__
-    return WindowIterator(n_docs, example_fn, seq_len=seq_len, batch_size=local_batch, pad_id=tokenizer.pad_id,
-                          train=train, seed=seed, process_index=process_index, process_count=process_count,
-                          num_batches=None if num_batches is None else int(num_batches))
+    if num_batches is not None:
+        windows = dataclasses.replace(windows, num_batches=int(num_batches))
+    return WindowIterator(n_docs, example_fn, windows)

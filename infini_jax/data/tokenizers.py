@@ -287,12 +287,16 @@ def collect_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def train_sentencepiece(inputs: list[str], vocab_size: int, output: str, *, model_type: str = "unigram",
-                        text_field: str = "text", character_coverage: float = 0.9995,
-                        input_sentence_size: int = 2_000_000, max_sentence_length: int = 16384,
-                        num_threads: int | None = None) -> str:
-    """Train a SentencePiece model on the inputs; returns the path of the .model file."""
+def train_sentencepiece(inputs: list[str], vocab_size: int, output: str, *, text_field: str = "text",
+                        **trainer_options) -> str:
+    """Train a SentencePiece model on the inputs; returns the path of the .model file. `text_field`: the JSONL
+    field holding the text. trainer_options: SentencePieceTrainer options over these defaults: model_type
+    'unigram', character_coverage 0.9995, input_sentence_size 2,000,000, max_sentence_length 16384,
+    num_threads (the CPU count)."""
     import sentencepiece as spm
+
+    options = {**dict(model_type="unigram", character_coverage=0.9995, input_sentence_size=2_000_000,
+                      max_sentence_length=16384, num_threads=os.cpu_count() or 1), **trainer_options}
 
     files = collect_files(inputs)
     out = Path(os.path.expanduser(output))
@@ -310,14 +314,11 @@ def train_sentencepiece(inputs: list[str], vocab_size: int, output: str, *, mode
             else:
                 train_files.append(str(path))
         spm.SentencePieceTrainer.Train(
-            input=train_files, model_prefix=str(out), vocab_size=int(vocab_size), model_type=model_type,
-            character_coverage=character_coverage, byte_fallback=True,
+            input=train_files, model_prefix=str(out), vocab_size=int(vocab_size), byte_fallback=True,
             # lossless for language modelling: keep newlines (byte fallback) and runs of spaces, digits split
             normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
             allow_whitespace_only_pieces=True,
             pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-            input_sentence_size=int(input_sentence_size), shuffle_input_sentence=True,
-            max_sentence_length=int(max_sentence_length), num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2,
+            shuffle_input_sentence=True, minloglevel=2, **options,
         )
     return str(out) + ".model"

@@ -21,7 +21,8 @@ exactly (documents are re-tokenized on demand, which is deterministic).
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, Optional
 
 import grain
 import numpy as np
@@ -75,19 +76,33 @@ def host_documents(n_docs: int, *, train: bool, seed: int, epoch: int, process_i
     return order[process_index::process_count]
 
 
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """How a WindowIterator batches: `batch_size` rows (this host's) of `seq_len` tokens, padded with `pad_id`.
+    train: the documents in a seeded (`seed`) shuffle, endlessly; else in order, once (or exactly `num_batches`
+    batches). shard: (index, count), this host's place among the processes that read the data."""
+
+    seq_len: int
+    batch_size: int
+    pad_id: int
+    train: bool
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    num_batches: Optional[int] = None
+
+
 class WindowIterator:
-    def __init__(self, n_docs: int, example_fn: Callable[[int], Example], *, seq_len: int, batch_size: int,
-                 pad_id: int, train: bool, seed: int = 0, process_index: int = 0, process_count: int = 1,
-                 num_batches: int | None = None):
+    def __init__(self, n_docs: int, example_fn: Callable[[int], Example], windows: Windows):
+        process_index, process_count = windows.shard
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.n_docs, self.example_fn = int(n_docs), example_fn
-        self.L, self.B, self.pad_id = int(seq_len), int(batch_size), int(pad_id)
-        self.train, self.seed = bool(train), int(seed)
+        self.L, self.B, self.pad_id = int(windows.seq_len), int(windows.batch_size), int(windows.pad_id)
+        self.train, self.seed = bool(windows.train), int(windows.seed)
         self.process_index, self.process_count = int(process_index), int(process_count)
-        self.num_batches = num_batches
+        self.num_batches = windows.num_batches
         self._order_epoch, self._order = -1, np.zeros(0, np.int64)
-        if train and len(self._host_docs(0)) == 0:
+        if self.train and len(self._host_docs(0)) == 0:
             raise ValueError(f"host {process_index} of {process_count} gets no documents ({n_docs} in total); "
                              "use more documents or fewer processes")
         self.epoch, self.cursor, self.step = 0, 0, 0

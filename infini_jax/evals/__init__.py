@@ -19,8 +19,8 @@ from infini_jax.evals.core import (Evaluator, Subject, as_subject, knockout_mode
 from infini_jax.evals.footprint import Footprint, format_footprint, memory_footprint
 from infini_jax.evals.gates import Gates
 from infini_jax.evals.generation import Generate
-from infini_jax.evals.passkey_retrieval import (Passkey, format_passkey, passkey_length, passkey_report,
-                                                passkey_sweep)
+from infini_jax.evals.passkey_retrieval import (Passkey, PasskeyOptions, format_passkey, passkey_length,
+                                                passkey_report, passkey_sweep)
 from infini_jax.evals.perplexity import Perplexity, byte_length_table, evaluate_perplexity, limit_documents
 from infini_jax.evals.summarize import Summarize, summarize_and_score
 
@@ -28,10 +28,11 @@ TYPES: dict[str, type[Evaluator]] = {e.type: e for e in (Perplexity, Passkey, Ga
 EVALS_DEFAULTS = defaults("evals")  # the evaluators of the base config (infini_jax/configs/base.py)
 
 __all__ = [
-    "EVALS_DEFAULTS", "TYPES", "Evaluator", "Footprint", "Gates", "Generate", "Passkey", "Perplexity", "Subject",
-    "Summarize", "as_subject", "byte_length_table", "evaluate_perplexity", "format_footprint", "format_passkey",
-    "from_config", "knockout_model", "limit_documents", "load_model", "load_subject", "memory_footprint",
-    "one_device_mesh", "passkey_length", "passkey_report", "passkey_sweep", "run_all", "summarize_and_score",
+    "EVALS_DEFAULTS", "TYPES", "Evaluator", "Footprint", "Gates", "Generate", "Passkey", "PasskeyOptions",
+    "Perplexity", "Subject", "Summarize", "as_subject", "byte_length_table", "evaluate_perplexity",
+    "format_footprint", "format_passkey", "from_config", "knockout_model", "limit_documents", "load_model",
+    "load_subject", "memory_footprint", "one_device_mesh", "passkey_length", "passkey_report", "passkey_sweep",
+    "run_all", "summarize_and_score",
 ]
 
 

@@ -18,7 +18,7 @@ class Generate(Evaluator):
     OPTIONS = dict(prompt=None, max_new_tokens=32, temperature=0.0, top_p=1.0, seed=0)
 
     def run(self, subject: Subject, log=print) -> dict:
-        from infini_jax.generate import generate
+        from infini_jax.generate import Sampling, generate
 
         o, tok, model = self.options, subject.tokenizer, subject.model()
         answer = None
@@ -31,8 +31,8 @@ class Generate(Evaluator):
         else:
             ids = np.asarray([tok.bos_id] + list(tok.encode(o["prompt"])), np.int32)
         t0 = time.time()
-        out_ids = generate(model, ids, o["max_new_tokens"], temperature=o["temperature"], top_p=o["top_p"],
-                           seed=o["seed"], eos_id=tok.eos_id, pad_id=tok.pad_id)
+        sampling = Sampling(o["temperature"], o["top_p"], o["seed"], tok.eos_id)
+        out_ids = generate(model, ids, o["max_new_tokens"], sampling, pad_id=tok.pad_id)
         ids_out = [int(t) for t in out_ids]
         if tok.eos_id in ids_out:
             ids_out = ids_out[:ids_out.index(tok.eos_id)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -29,20 +29,34 @@ def answer_losses(steps: dict, params, memory, batch):
     return steps["token"](params, memory, batch)
 
 
-def passkey_length(model_or_subject, tokenizer, length: int, depths: Sequence[float], *, trials: int = 1,
-                   seed: int = 0, chunk_segments: int = 16, n_digits: int = 5, progress: bool = False,
-                   haystack=None) -> list[dict]:
-    """One passkey length at every depth (× trials), batched as rows; returns one dict per depth."""
+@dataclasses.dataclass(frozen=True)
+class PasskeyOptions:
+    """How the cells of a sweep are built and run: `trials` passkeys of `n_digits` digits per (length, depth),
+    seeded from `seed`; the prompt streamed `chunk_segments` segments at a time; the key line in the filler
+    or (haystack: a data.passkey.Haystack) in book prose; `progress`: a bar per length."""
+
+    trials: int = 1
+    seed: int = 0
+    chunk_segments: int = 16
+    n_digits: int = 5
+    haystack: Any = None
+    progress: bool = False
+
+
+def passkey_length(model_or_subject, tokenizer, length: int, depths: Sequence[float],
+                   options: PasskeyOptions = PasskeyOptions()) -> list[dict]:
+    """One passkey length at every depth (× options.trials), batched as rows; returns one dict per depth."""
     from infini_jax.data.passkey import PasskeyStream
 
+    trials, seed = options.trials, options.seed
     subject = as_subject(model_or_subject, tokenizer)
     cfg = subject.model_cfg
     if cfg.attention == "full":
         raise ValueError("passkey streaming needs a model with segments (infini, xl or local), not 'full'")
-    c = cfg.segment_len * max(1, int(chunk_segments))
+    c = cfg.segment_len * max(1, int(options.chunk_segments))
     rows = [(d, t) for d in depths for t in range(trials)]
-    streams = [PasskeyStream(tokenizer, length, d, seed=seed + 7919 * t + 104729 * i, n_digits=n_digits,
-                             chunk_tokens=c, include_answer=True, haystack=haystack)
+    streams = [PasskeyStream(tokenizer, length, d, seed=seed + 7919 * t + 104729 * i, n_digits=options.n_digits,
+                             chunk_tokens=c, include_answer=True, haystack=options.haystack)
                for i, (d, t) in enumerate(rows)]
     total, a0 = streams[0].total_len, streams[0].answer_start
     n_ans = len(streams[0].answer_ids)
@@ -57,7 +71,7 @@ def passkey_length(model_or_subject, tokenizer, length: int, depths: Sequence[fl
     memory = steps["init_memory"]()
     match_RA = np.zeros((r, n_ans), bool)
     nll_R = np.zeros(r)
-    bar = progress_bar(progress, total=-(-total // c), desc=f"passkey {length}", unit="chunk")
+    bar = progress_bar(options.progress, total=-(-total // c), desc=f"passkey {length}", unit="chunk")
     t0 = time.time()
     for i, chunks in enumerate(zip(*streams)):
         start = i * c
@@ -97,25 +111,22 @@ def passkey_length(model_or_subject, tokenizer, length: int, depths: Sequence[fl
     return out
 
 
-def passkey_sweep(model_or_subject, tokenizer, lengths: Sequence[int], depths: Sequence[float], *,
-                  trials: int = 1, seed: int = 0, chunk_segments: int = 16, n_digits: int = 5,
-                  progress: bool = False, haystack=None) -> dict:
+def passkey_sweep(model_or_subject, tokenizer, lengths: Sequence[int], depths: Sequence[float], **options) -> dict:
     """Grid of lengths × depths: {"lengths", "depths", "digit_accuracy" and "accuracy" (token accuracy), each
-    [n_depths][n_lengths], "cells": [...], "haystack": folder or None}."""
+    [n_depths][n_lengths], "cells": [...], "haystack": folder or None}. options: PasskeyOptions's fields."""
+    opts = PasskeyOptions(**options)
     subject = as_subject(model_or_subject, tokenizer)
     cells = []
     for length in lengths:
-        cells += passkey_length(subject, tokenizer, int(length), depths, trials=trials, seed=seed,
-                                chunk_segments=chunk_segments, n_digits=n_digits, progress=progress,
-                                haystack=haystack)
+        cells += passkey_length(subject, tokenizer, int(length), depths, opts)
 
     def grid(key):
         return [[next(c[key] for c in cells if c["length"] == n and c["depth"] == d) for n in lengths]
                 for d in depths]
 
-    return {"lengths": [int(x) for x in lengths], "depths": [float(x) for x in depths], "trials": trials,
+    return {"lengths": [int(x) for x in lengths], "depths": [float(x) for x in depths], "trials": opts.trials,
             "digit_accuracy": grid("digit_accuracy"), "accuracy": grid("token_accuracy"), "cells": cells,
-            "haystack": None if haystack is None else haystack.directory}
+            "haystack": None if opts.haystack is None else opts.haystack.directory}
 
 
 def format_passkey(sweep: dict) -> str:

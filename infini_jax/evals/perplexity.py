@@ -60,7 +60,7 @@ def byte_length_table(tokenizer, vocab_size: Optional[int] = None) -> np.ndarray
     if offset is not None:  # ByteTokenizer: byte b -> b + offset
         table_V[offset:min(vocab, offset + 256)] = 1
         return table_V
-    raise ValueError(f"cannot derive bytes per token for {tokenizer!r}; pass byte_table=")
+    raise ValueError(f"cannot derive bytes per token for {tokenizer!r}; give it a token_bytes() method")
 
 
 def limit_documents(batches: Iterable[dict], max_docs: Optional[int]):
@@ -150,21 +150,17 @@ class _Totals:
 
 
 def evaluate_perplexity(model_or_subject, batches: Iterable[dict], *, tokenizer=None,
-                        byte_table: Optional[np.ndarray] = None, max_batches: Optional[int] = None,
-                        progress: bool = False, desc: str = "perplexity") -> dict:
+                        max_batches: Optional[int] = None, progress: bool = False, desc: str = "perplexity") -> dict:
     """Streams `batches` (this process's rows, contract format, eval order) through the model carrying memory.
+    Bits per byte when the tokenizer fits the model's vocabulary (byte_length_table).
 
     Returns {"loss", "ppl" (= "perplexity"), "accuracy", "seq_accuracy" (rows all right), "tokens",
     "bits_per_byte" (or None), "bytes", "batches", "documents", "segment_curve": {"segment", "loss", "tokens"}}.
     """
     subject = as_subject(model_or_subject, tokenizer)
     cfg, mesh, tokenizer = subject.model_cfg, subject.mesh, tokenizer or subject.tokenizer
-    if byte_table is None and tokenizer is not None and tokenizer.vocab_size == cfg.vocab_size:
-        byte_table = byte_length_table(tokenizer, cfg.vocab_size)
-    has_bytes = byte_table is not None
-    table_V = np.asarray(byte_table if has_bytes else np.zeros(cfg.vocab_size), np.int32)
-    if table_V.shape != (cfg.vocab_size,):
-        raise ValueError(f"byte_table has shape {table_V.shape}, the model vocab is {cfg.vocab_size}")
+    has_bytes = tokenizer is not None and tokenizer.vocab_size == cfg.vocab_size
+    table_V = byte_length_table(tokenizer, cfg.vocab_size) if has_bytes else np.zeros(cfg.vocab_size, np.int32)
     table_V = jax.device_put(jnp.asarray(table_V), shd.replicated(mesh))
     totals, memory, steps = _Totals(), None, None
     bar = progress_bar(progress, total=max_batches, desc=desc, unit="batch")
@@ -204,13 +200,12 @@ class Perplexity(Evaluator):
         bs = int(o["batch_size"] or config.train.batch_size)
         cfg = subject.model_cfg
         shd.check_divisibility(subject.mesh, num_heads=cfg.num_heads, batch_size=bs)
-        index, count = shd.data_shard(subject.mesh, bs)
         data = dict(config.data.to_dict() if hasattr(config.data, "to_dict") else config.data)
         if o["batches"] is not None:  # every process exactly this many batches (padding after the data ends)
             data["num_batches"] = data["eval_batches"] = int(o["batches"])
         it = (subject.make_iterator or make_iterator)(
-            data, seq_len=cfg.seq_len, batch_size=bs, split=o["split"], train=False, process_index=index,
-            process_count=count, segment_len=cfg.segment_len)
+            data, seq_len=cfg.seq_len, batch_size=bs, split=o["split"], train=False,
+            shard=shd.data_shard(subject.mesh, bs), segment_len=cfg.segment_len)
         target = subject.knocked_out() if o["knockout"] else subject
         res = evaluate_perplexity(target, limit_documents(it, o["max_docs"]), max_batches=o["batches"],
                                   progress=subject.progress, desc=self.name)
