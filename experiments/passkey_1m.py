@@ -42,6 +42,8 @@ def main():
     p.add_argument("--knockout", default="linear", help="rules whose memory knock-out is evaluated")
     p.add_argument("--knockout_lengths", default="1K,4K,16K,64K", help="lengths of the knock-out sweep")
     p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--mass_max", type=float, default=None,
+                   help="data.passkey_mass_max: the largest memory-mass factor c (default: the tiny config's 128)")
     a = p.parse_args()
     from infini_jax.sharding import choose_platform
 
@@ -71,6 +73,8 @@ def main():
         config = get_config(f"rule={rule}")
         config.data.passkey_haystack = a.haystack
         config.evals.passkey.x = ()  # this script evaluates
+        if a.mass_max:
+            config.data.passkey_mass_max = a.mass_max
         if a.steps:  # the mass-augmentation phase stays the last 20% of training
             config.data.passkey_mass_after = int(round(a.steps * config.data.passkey_mass_after / config.train.steps))
             config.train.steps = a.steps

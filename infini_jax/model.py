@@ -125,21 +125,22 @@ class ModelConfig:
         return cls(**d)
 
 
-def dense(x_bl_i, w_i_o, n_in: int = 1, **kw) -> jax.Array:
-    """x [B, L, *in] · w [*in, *out] -> [B, L, *out], contracting x's last `n_in` axes with w's first `n_in`.
+def dense(x, w, n_in: int = 1, **kw) -> jax.Array:
+    """x [B, L, *in] · w [*in, *out] -> [B, L, *out], contracting x's last `n_in` axes with w's first `n_in`
+    (ranks vary by caller, so the names carry no shape suffix).
 
     Written as one 2-D matmul [B·L, in] × [in, out] unless the length axis is sharded (context parallelism,
     where merging B and L would reshard). Measured on XLA:CPU: the 3-D einsum's weight gradient, which
     contracts over both B and L, made XLA emit transposing copies of every [B, L, F] activation gradient
-    (~1/5 of the tiny config's step); the 2-D form is 1.3× faster per step there
-    (benchmarks/train_throughput.py). On TPU the reshape is free.
+    (~1/5 of the tiny config's step); with the 2-D form issue 8's train step went from 0.76× to 0.91× the
+    PyTorch peer's speed (benchmarks/train_throughput.py). On TPU the reshape is free.
     """
-    lead, ins, outs = x_bl_i.shape[:2], x_bl_i.shape[2:], w_i_o.shape[n_in:]
+    lead, ins, outs = x.shape[:2], x.shape[2:], w.shape[n_in:]
     if active_axis("length")[1] > 1:
-        return jnp.tensordot(x_bl_i, w_i_o, axes=n_in, **kw)  # [B,L,*in] x [*in,*out] -> [B,L,*out]
-    in_size = math.prod(ins)
-    y_no = jnp.matmul(x_bl_i.reshape(-1, in_size), w_i_o.reshape(in_size, -1), **kw)  # [B·L, in] x [in, out]
-    return y_no.reshape(lead + outs)
+        return jnp.tensordot(x, w, axes=n_in, **kw)  # [B,L,*in] x [*in,*out] -> [B,L,*out]
+    size = math.prod(ins)
+    y = jnp.matmul(x.reshape(-1, size), w.reshape(size, -1), **kw)  # [B·L, in] x [in, out] -> [B·L, out]
+    return y.reshape(lead + outs)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, std, dtype) -> nnx.Param:
