@@ -45,13 +45,14 @@ def main():
     p.add_argument("--mass_max", type=float, default=None,
                    help="data.passkey_mass_max: the largest memory-mass factor c (default: the tiny config's 128)")
     a = p.parse_args()
-    from infini_jax.sharding import choose_platform
+    from infini_jax.configs.tiny import get_config
+    from infini_jax.sharding import choose_platform, set_cpu_devices
 
     choose_platform()  # no libtpu start-up noise on a CPU host
+    set_cpu_devices(get_config().train.cpu_devices)  # the tiny config's, before JAX uses a device
 
     import jax
 
-    from infini_jax.configs.tiny import get_config
     from infini_jax import evals as ev
     from infini_jax import plots
     from infini_jax.data import Haystack, load_tokenizer

@@ -118,9 +118,11 @@ def main():
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
-    from infini_jax.sharding import choose_platform
+    from infini_jax.configs.tiny import get_config
+    from infini_jax.sharding import choose_platform, set_cpu_devices
 
     choose_platform()  # no libtpu start-up noise on a CPU host
+    set_cpu_devices(get_config(a.arg).train.cpu_devices)  # the tiny config's, before JAX uses a device
     names = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

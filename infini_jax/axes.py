@@ -9,6 +9,7 @@ along the sequence and the Infini-attention memory prefix is exchanged between i
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Mapping, Optional, Sequence
@@ -72,12 +73,17 @@ def logical_to_spec(logical: Sequence[Optional[str]], shape: Sequence[int], mesh
         if tup and (used & set(tup)):
             mesh_ax, tup = None, ()
         if tup and size % _axis_size(mesh, tup):
-            log.info("sharding: %s dim %s=%d not divisible by mesh %s=%d; replicated", name, ax, size,
-                         tup, _axis_size(mesh, tup))
+            _log_replicated(name, ax, size, tup, _axis_size(mesh, tup))
             mesh_ax, tup = None, ()
         used |= set(tup)
         spec.append(mesh_ax)
     return P(*spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_replicated(name, ax, size, tup, n) -> None:
+    """Logs each replicated (array, dimension, mesh axes) once, not at every trace."""
+    log.info("sharding: %s dim %s=%d not divisible by mesh %s=%d; replicated", name, ax, size, tup, n)
 
 
 def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:

@@ -250,6 +250,22 @@ def choose_platform() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def set_cpu_devices(n: int) -> None:
+    """config.train.cpu_devices: for n > 0, JAX's CPU backend becomes n devices (JAX's own `jax_num_cpu_devices`),
+    so that on a CPU-only host the data axis runs n shards of the batch side by side on the cores (small models
+    leave a core idle otherwise). Call it before JAX's first use of a device; accelerator backends ignore it.
+    An explicit XLA_FLAGS=--xla_force_host_platform_device_count=N (a simulated mesh) wins over it."""
+    if n <= 0:
+        return
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        print(f"note: train.cpu_devices={n} not applied: XLA_FLAGS sets the CPU device count")
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", int(n))
+    except RuntimeError:  # backends already started (an in-process caller): keep what they have
+        print(f"note: train.cpu_devices={n} not applied: JAX's devices were already in use")
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                            process_id: Optional[int] = None, *, force: bool = False) -> bool:
     """jax.distributed.initialize when running multi-process; returns whether it did.

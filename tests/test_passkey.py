@@ -9,7 +9,7 @@ from flax import nnx
 from infini_jax import evals as ev
 from infini_jax.evals import passkey_retrieval
 from infini_jax.data import ByteTokenizer, Haystack, PasskeyIterator, PasskeyStream, make_passkey_example
-from infini_jax.data.passkey import KEY_TEMPLATE, QUESTION
+from infini_jax.data.passkey import FILLER, INTRO, KEY_TEMPLATE, QUESTION
 from infini_jax.model import InfiniTransformer, ModelConfig
 
 TOK = ByteTokenizer()
@@ -77,6 +77,46 @@ def test_mass_augmentation_scales_every_segment_but_the_key_lines():
     assert "write_scale" not in next(PasskeyIterator(TOK, seq_len=1024, batch_size=2, seed=1))
     with pytest.raises(ValueError, match="segment_len"):
         PasskeyIterator(TOK, seq_len=1024, batch_size=2, mass_prob=0.5)
+
+
+def test_loss_on_key_scores_the_key_lines_second_copy_and_the_answer_only():
+    it = PasskeyIterator(TOK, seq_len=320, batch_size=16, seed=3, min_len=104, intro=0.5, loss_on_key=True)
+    batch = next(it)
+    for b in range(16):
+        text = TOK.decode(batch["tokens"][b])
+        key = text[text.index("The pass key is ") + 16:][:5]
+        scored = TOK.decode(batch["targets"][b][batch["loss_mask"][b] > 0])
+        assert scored == f" {key} {key}"  # the key line's second copy, then the answer
+        second = text.index(f"Remember it. {key}") + len("Remember it.") + 1  # +1: bos
+        assert (batch["loss_mask"][b][second - 1:second + 5] == 1).all()  # targets of positions second..second+5
+    plain = next(PasskeyIterator(TOK, seq_len=320, batch_size=16, seed=3, min_len=104, intro=0.5))
+    assert (plain["loss_mask"].sum(1) == 6).all()
+
+
+def test_shift_puts_the_key_line_at_every_offset_and_keeps_the_prompt_words():
+    def key_offsets(it):
+        out = set()
+        for _ in range(4):
+            batch = next(it)
+            for b in range(64):
+                text = TOK.decode(batch["tokens"][b])
+                out.add((text.index("The pass key is") + 1) % 32)
+                # before the key line: the intro (or nothing), then whole filler words, single spaces
+                head = text[:text.index("The pass key is")].removeprefix(INTRO)
+                assert "  " not in text  # (without the intro the prompt starts with " ", as without the shift)
+                assert set(head.split()) <= set(FILLER.split())
+                assert text.endswith(QUESTION + " " + text[text.index("The pass key is ") + 16:][:5])
+        return out
+
+    kw = dict(seq_len=320, batch_size=64, seed=0, min_len=104, intro=0.5, segment_len=32)
+    assert len(key_offsets(PasskeyIterator(TOK, **kw))) <= 4  # whole units: a handful of offsets
+    assert len(key_offsets(PasskeyIterator(TOK, shift=True, **kw))) >= 24
+    batch = next(PasskeyIterator(TOK, shift=True, loss_on_key=True, mass_prob=1.0, **kw))
+    assert (batch["loss_mask"].sum(1) == 12).all()
+    for b in range(64):  # the augmentation still spares the key line's segments after the shift
+        key = TOK.decode(batch["tokens"][b]).index("The pass key is ") + 1
+        first, last = key // 32, (key + len(KEY_TEMPLATE.format(key="12345")) - 1) // 32
+        assert (batch["write_scale"][b, first:last + 1] == 1).all()
 
 
 def test_book_haystack_hides_the_key_line_in_prose(tmp_path):

@@ -15,9 +15,11 @@ def define_multihost_flags(module_name: str) -> None:
     flags.DEFINE_integer("process_id", None, "This process's id (multi-process).", module_name=module_name)
 
 
-def start_processes() -> None:
-    """jax.distributed.initialize() when the multi-host flags (or JAX_* variables) ask for it."""
+def start_processes(config) -> None:
+    """Before JAX uses a device: config.train.cpu_devices (sharding.set_cpu_devices), then
+    jax.distributed.initialize() when the multi-host flags (or JAX_* variables) ask for it."""
     from infini_jax import sharding
 
+    sharding.set_cpu_devices(int(config.train.get("cpu_devices", 0)))
     f = flags.FLAGS
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, force=f.multihost)

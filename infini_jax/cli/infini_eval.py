@@ -142,7 +142,7 @@ def _main() -> int:
         print(f"skipping {sorted(needs_memory)}: attention={cfg.attention!r} has no memory gates")
         tasks = [t for t in tasks if t not in needs_memory]
 
-    start_processes()
+    start_processes(config)
     import jax
 
     mesh = shd.make_mesh(config.mesh)

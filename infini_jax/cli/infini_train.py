@@ -52,7 +52,7 @@ def main(argv):
     from infini_jax.loop import train_and_evaluate
     from infini_jax.step import NonFiniteLossError
 
-    start_processes()
+    start_processes(FLAGS.config)
     import jax
 
     from absl import logging as absl_logging

@@ -45,6 +45,8 @@ def get_config(arg=None):
         passkey_depth_min=0.0,  # passkey: shallowest relative depth of the key line
         passkey_depth_max=1.0,  # passkey: deepest relative depth of the key line
         passkey_loss_on_all=False,  # passkey: loss on every non-pad token, not only the answer
+        passkey_loss_on_key=False,  # passkey (train): also score the key line's second copy of the key (a retrieval from its first)
+        passkey_shift=False,  # passkey (train): a random filler tail before the key line, so it falls at every offset in a segment
         passkey_intro=1.0,  # passkey: probability that an example has the paper's intro sentence (~150 tokens)
         passkey_haystack="",  # passkey: folder of .txt books whose prose replaces the filler (or its split subfolder)
         passkey_mass_prob=0.0,  # passkey: share of training rows with memory-mass augmentation
@@ -69,6 +71,7 @@ def get_config(arg=None):
         async_checkpoints=True,  # save in a background thread while training goes on
         init_from="",  # params that start a fresh run: a workdir / checkpoints dir / step dir, or hf:DIR (Llama, Gemma)
         allow_schedule_change=False,  # resume although steps/optim keys that shape the LR schedule changed
+        cpu_devices=0,  # CPU-only hosts: JAX's CPU backend as this many devices, so the data axis uses the cores; 0: JAX's default (1)
         carry_memory=False,  # carry each row's memory from step to step with its document (truncated BPTT); False: every window starts empty
     )
     config.optim = dict(

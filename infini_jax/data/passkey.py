@@ -107,6 +107,16 @@ def _word_starts(tokenizer, ids_T: np.ndarray) -> np.ndarray:
     return np.ones(len(ids_T), bool)
 
 
+def _last_occurrence(ids_T: np.ndarray, sub_A: np.ndarray) -> int:
+    """Index of the last occurrence of sub_A in ids_T (the key line holds the answer's tokens twice)."""
+    if len(ids_T) >= len(sub_A):
+        hits = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(ids_T, len(sub_A)) == sub_A).all(1))
+        if len(hits):
+            return int(hits[-1])
+    raise ValueError("the key line does not hold the answer's tokens: passkey_loss_on_key needs a tokenizer that "
+                     "encodes ' <key>' the same inside the key line")
+
+
 def _unit_ids(tokenizer, text: str, first: bool) -> np.ndarray:
     if not first and not getattr(tokenizer, "space_prefix", False):
         text = " " + text
@@ -257,6 +267,10 @@ class PasskeyIterator:
     With num_batches set the iterator is finite (evaluation), otherwise infinite.
 
     intro: True/False, or the probability that an example starts with the paper's intro sentence.
+    loss_on_key: also score the key line's second copy of the passkey ("Remember it. <key> is the pass key"),
+    predicted from its first copy: whenever the two copies fall in different segments (most of the time for
+    segments shorter than the key line), that is a retrieval through the memory too, so each example teaches it
+    up to twice. The evaluation's prompts and scoring are unchanged.
     Memory-mass augmentation (mass_prob > 0, needs segment_len): from batch `mass_after` on (a curriculum: the
     retrieval is learnt first on plain memories), in a random mass_prob share of the rows, the
     memory writes of every segment that holds no token of the key line are scaled by one c ~ log-uniform
@@ -269,17 +283,24 @@ class PasskeyIterator:
                  n_digits: int = 5, min_len: int | None = None, depth_min: float = 0.0, depth_max: float = 1.0,
                  loss_on_all: bool = False, num_batches: int | None = None, intro: bool = True,
                  haystack: Haystack | None = None, segment_len: int | None = None, mass_prob: float = 0.0,
-                 mass_max: float = 128.0, mass_after: int = 0):
+                 mass_max: float = 128.0, mass_after: int = 0, loss_on_key: bool = False, shift: bool = False):
         self.tok = tokenizer
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.seed, self.process_index = int(seed), int(process_index)
-        self.n_digits, self.loss_on_all = int(n_digits), bool(loss_on_all)
+        self.n_digits, self.loss_on_all, self.loss_on_key = int(n_digits), bool(loss_on_all), bool(loss_on_key)
         self.max_len = self.seq_len + 1
         self.min_len = self.max_len if min_len is None else int(min(min_len, self.max_len))
         self.depth_min, self.depth_max = float(depth_min), float(depth_max)
         self.num_batches, self.intro, self.haystack = num_batches, float(intro), haystack
         self.mass_prob, self.mass_max, self.mass_after = float(mass_prob), float(mass_max), int(mass_after)
         self.segment_len = None if segment_len is None else int(segment_len)
+        self.shift = bool(shift)
+        if self.shift:  # the filler's tails at word starts, each with the whitespace before it (none first)
+            filler_N = _unit_ids(tokenizer, FILLER, False)
+            lead = 0 if getattr(tokenizer, "space_prefix", False) else 1
+            starts = [int(i) - lead for i in np.flatnonzero(_word_starts(tokenizer, filler_N))]
+            self._tails = [filler_N[i:] for i in starts if i >= 0] + [filler_N[:0]]  # as every unit after the first
+            self._intro_len = len(_unit_ids(tokenizer, INTRO, True))
         self.step = 0
         if not 0.0 <= self.intro <= 1.0:
             raise ValueError(f"passkey_intro must be a bool or a probability in [0, 1], got {intro}")
@@ -314,9 +335,15 @@ class PasskeyIterator:
             ex = make_passkey_example(self.tok, max(length, self._shortest[intro]), depth, intro=intro,
                                       passkey=random_passkey(rng, self.n_digits), haystack=self.haystack,
                                       seed=int(rng.integers(2**31)))
+            if self.shift:
+                ex = self._shifted(ex, rng, intro)
             n = len(ex.tokens)
             seq_BL1[b, :n] = ex.tokens
             score_BL1[b, 1 if self.loss_on_all else ex.answer_start:n] = 1.0
+            if self.loss_on_key:
+                second = ex.key_start + _last_occurrence(ex.tokens[ex.key_start:ex.key_start + ex.key_len],
+                                                         ex.answer_ids)
+                score_BL1[b, second:second + len(ex.answer_ids)] = 1.0
             if self.mass_prob > 0 and rng.random() < self.mass_prob and self.step >= self.mass_after:
                 c = float(np.exp(rng.uniform(0.0, np.log(self.mass_max))))
                 first, last = ex.key_start // self.segment_len, (ex.key_start + ex.key_len - 1) // self.segment_len
@@ -332,6 +359,17 @@ class PasskeyIterator:
         if self.mass_prob > 0:
             batch["write_scale"] = scale_BS
         return batch
+
+    def _shifted(self, ex: PasskeyExample, rng: np.random.Generator, intro: bool) -> PasskeyExample:
+        """ex with a random filler tail that still fits the row inserted after the intro (before the first
+        filler or the key line)."""
+        room = self.max_len - len(ex.tokens)
+        tails = [t for t in self._tails if len(t) <= room]
+        tail_N = tails[int(rng.integers(len(tails)))]
+        at = 1 + (self._intro_len if intro else 0)
+        tokens_T = np.concatenate([ex.tokens[:at], tail_N, ex.tokens[at:]])
+        n = len(tail_N)
+        return dataclasses.replace(ex, tokens=tokens_T, prompt_len=ex.prompt_len + n, key_start=ex.key_start + n)
 
     def get_state(self) -> dict:
         return {"kind": "passkey", "step": self.step, "seed": self.seed, "process_index": self.process_index}
