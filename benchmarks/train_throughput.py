@@ -3,7 +3,7 @@ attention kind, against the PyTorch peer at the same sizes, and per-token time a
 
     python benchmarks/train_throughput.py [--attention infini,xl,local,full] [--rule delta] [--batch 4]
         [--seq_len 2048] [--segment 256] [--d_model 256] [--layers 4] [--heads 4] [--head_dim 64] [--d_ff 682]
-        [--mode scan,parallel] [--peer] [--scaling 4096,65536 --scaling_segment 512]
+        [--mode scan,parallel] [--peer] [--scaling 4096,65536 --scaling_segment 512] [--devices 1,2]
 
 Defaults are the sizes of issue 8's comparison with the PyTorch peer (vocab 256, delta rule, full BPTT through
 every segment, AdamW). Every row is the median of --steps steps after --warmup (compile excluded), all in one
@@ -14,6 +14,10 @@ process. Model FLOPs count matmuls only, 2·m·n·k each, forward × 3 (forward 
 projections 2·d·(q + 2·kv + o dims), the segment's attention scores and values over all N keys (causal halves
 not subtracted; XL: 2N keys; full: all L), the memory read and write (2·k·v per head and token each, the delta
 read once more), the gated FFN 3 · 2·d·d_ff, and the logits 2·d·vocab.
+
+--devices 1,2 times each infini row on a data mesh of 1 and of 2 devices: on a CPU the script splits the host
+into that many devices first (train.cpu_devices), the batch is sharded over them and MFU is still against the one
+matmul peak of device 0.
 
 --peer (needs `pip install -e ".[bench]"`: torch CPU and infini-transformer-pytorch 0.2.1) times the peer at the
 same sizes, alternating one step of each, with its wrapper's `detach_mems_every_num_segments` above the number of
@@ -67,9 +71,9 @@ def model_flops(cfg: ModelConfig, batch: int) -> float:
     return 3.0 * per_token * batch * L
 
 
-def jax_stepper(model_cfg: ModelConfig, batch: int):
-    """A function running one real train step (blocking), warmed up (compiled)."""
-    mesh = shd.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+def jax_stepper(model_cfg: ModelConfig, batch: int, devices: int = 1):
+    """A function running one real train step (blocking) on a data mesh of `devices`, warmed up (compiled)."""
+    mesh = shd.make_mesh(dict(data=devices, fsdp=1, tensor=1), jax.devices()[:devices])
     tx, lr_fn, _ = optim_lib.make_optimizer(dict(name="adamw", lr=1e-3, warmup_steps=10), 1000)
     graphdef, state, state_sh, _ = T.create_train_state(model_cfg, tx, mesh, seed=0)
     step = T.make_train_step(graphdef, optim_lib.Optimizer(tx, lr_fn), mesh=mesh, state_shardings=state_sh)
@@ -143,22 +147,28 @@ def main():
     p.add_argument("--peer", action="store_true", help="also time the PyTorch peer (the bench extra)")
     p.add_argument("--scaling", default="", help="comma list of input lengths for the per-token scaling table")
     p.add_argument("--scaling_segment", type=int, default=512)
+    p.add_argument("--devices", default="1", help="comma list of data-mesh sizes for the infini rows (CPU: "
+                   "the host is split into the largest)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
     shd.choose_platform()  # no libtpu start-up noise on a CPU host
+    device_counts = [int(x) for x in a.devices.split(",")]
+    if max(device_counts) > 1:
+        shd.set_cpu_devices(max(device_counts))
     peak = matmul_peak()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); batch {a.batch} x {a.seq_len}, "
           f"segment {a.segment}, d_model {a.d_model}, {a.layers} layers, {a.heads} x {a.head_dim} heads, "
           f"d_ff {a.d_ff}, vocab {a.vocab}, rule {a.rule}, mode {a.mode}; float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     fns, flops = {}, {}
     for att in a.attention.split(","):
-        variants = [(m, bool(int(r))) for m in a.mode.split(",") for r in a.remat_segments.split(",")] \
-            if att == "infini" else [("scan", True)]
-        for mode, remat in variants:
-            name = f"infini-jax {att}" + (f" ({mode}, remat_segments={remat})" if att == "infini" else "")
+        variants = [(m, bool(int(r)), n) for m in a.mode.split(",") for r in a.remat_segments.split(",")
+                    for n in device_counts] if att == "infini" else [("scan", True, 1)]
+        for mode, remat, n in variants:
+            name = f"infini-jax {att}" + (f" ({mode}, remat_segments={remat}" + (f", {n} devices" if n > 1 else "")
+                                          + ")" if att == "infini" else "")
             cfg = config(a, att, a.seq_len, a.segment, remat, mode)
-            fns[name], flops[name] = jax_stepper(cfg, a.batch), model_flops(cfg, a.batch)
+            fns[name], flops[name] = jax_stepper(cfg, a.batch, n), model_flops(cfg, a.batch)
     if a.peer:
         fns["peer (infini-transformer-pytorch)"] = peer_stepper(a, a.batch)
         flops["peer (infini-transformer-pytorch)"] = model_flops(config(a, "infini", a.seq_len, a.segment), a.batch)

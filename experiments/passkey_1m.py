@@ -76,8 +76,9 @@ def main():
         config.evals.passkey.x = ()  # this script evaluates
         if a.mass_max:
             config.data.passkey_mass_max = a.mass_max
-        if a.steps:  # the mass-augmentation phase stays the last 20% of training
-            config.data.passkey_mass_after = int(round(a.steps * config.data.passkey_mass_after / config.train.steps))
+        if a.steps:  # the shift and mass-augmentation phases keep their share of training
+            for key in ("passkey_mass_after", "passkey_shift_after"):
+                config.data[key] = int(round(a.steps * config.data[key] / config.train.steps))
             config.train.steps = a.steps
         workdir = out / rule
         r = results["rules"][rule] = {}

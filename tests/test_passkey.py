@@ -110,9 +110,12 @@ def test_shift_puts_the_key_line_at_every_offset_and_keeps_the_prompt_words():
 
     kw = dict(seq_len=320, batch_size=64, seed=0, min_len=104, intro=0.5, segment_len=32)
     assert len(key_offsets(PasskeyIterator(TOK, **kw))) <= 4  # whole units: a handful of offsets
-    assert len(key_offsets(PasskeyIterator(TOK, shift=True, **kw))) >= 24
-    batch = next(PasskeyIterator(TOK, shift=True, loss_on_key=True, mass_prob=1.0, **kw))
+    assert len(key_offsets(PasskeyIterator(TOK, shift=1.0, **kw))) >= 24
+    batch = next(PasskeyIterator(TOK, shift=1.0, loss_on_key=True, mass_prob=1.0, **kw))
     assert (batch["loss_mask"].sum(1) == 12).all()
+    assert len(key_offsets(PasskeyIterator(TOK, shift=0.5, shift_after=1, **kw))) >= 20  # half the rows of 1..3
+    assert next(PasskeyIterator(TOK, **kw))["tokens"].tolist() == \
+        next(PasskeyIterator(TOK, shift=1.0, shift_after=1, **kw))["tokens"].tolist()  # batch 0: not yet shifted
     for b in range(64):  # the augmentation still spares the key line's segments after the shift
         key = TOK.decode(batch["tokens"][b]).index("The pass key is ") + 1
         first, last = key // 32, (key + len(KEY_TEMPLATE.format(key="12345")) - 1) // 32

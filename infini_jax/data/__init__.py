@@ -103,7 +103,8 @@ def _source_iterator(d: dict, tokenizer, split: str, windows: Windows, segment_l
             haystack=haystack or None, segment_len=segment_len,
             mass_prob=float(d["passkey_mass_prob"]) if train else 0.0, mass_max=float(d["passkey_mass_max"]),
             mass_after=int(d["passkey_mass_after"]), loss_on_key=bool(d["passkey_loss_on_key"]) and train,
-            shift=bool(d["passkey_shift"]) and train)
+            shift=float(d["passkey_shift"]) if train else 0.0,
+            shift_after=int(d["passkey_shift_after"]))
 
     data_dir = d["data_dir"]
     if name == "text":

@@ -271,6 +271,10 @@ class PasskeyIterator:
     predicted from its first copy: whenever the two copies fall in different segments (most of the time for
     segments shorter than the key line), that is a retrieval through the memory too, so each example teaches it
     up to twice. The evaluation's prompts and scoring are unchanged.
+    shift (a probability), from batch `shift_after` on: put a random tail of the filler (cut at a word start,
+    possibly empty) in front of the first filler or the key line, so that over training the key line falls at
+    every offset within a segment. Without it, whole units put the key line at only a few offsets, and prompts of
+    other lengths (the evaluation's) at others.
     Memory-mass augmentation (mass_prob > 0, needs segment_len): from batch `mass_after` on (a curriculum: the
     retrieval is learnt first on plain memories), in a random mass_prob share of the rows, the
     memory writes of every segment that holds no token of the key line are scaled by one c ~ log-uniform
@@ -283,7 +287,8 @@ class PasskeyIterator:
                  n_digits: int = 5, min_len: int | None = None, depth_min: float = 0.0, depth_max: float = 1.0,
                  loss_on_all: bool = False, num_batches: int | None = None, intro: bool = True,
                  haystack: Haystack | None = None, segment_len: int | None = None, mass_prob: float = 0.0,
-                 mass_max: float = 128.0, mass_after: int = 0, loss_on_key: bool = False, shift: bool = False):
+                 mass_max: float = 128.0, mass_after: int = 0, loss_on_key: bool = False, shift: float = 0.0,
+                 shift_after: int = 0):
         self.tok = tokenizer
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.seed, self.process_index = int(seed), int(process_index)
@@ -294,7 +299,9 @@ class PasskeyIterator:
         self.num_batches, self.intro, self.haystack = num_batches, float(intro), haystack
         self.mass_prob, self.mass_max, self.mass_after = float(mass_prob), float(mass_max), int(mass_after)
         self.segment_len = None if segment_len is None else int(segment_len)
-        self.shift = bool(shift)
+        self.shift, self.shift_after = float(shift), int(shift_after)
+        if not 0.0 <= self.shift <= 1.0:
+            raise ValueError(f"passkey_shift must be a bool or a probability in [0, 1], got {shift}")
         if self.shift:  # the filler's tails at word starts, each with the whitespace before it (none first)
             filler_N = _unit_ids(tokenizer, FILLER, False)
             lead = 0 if getattr(tokenizer, "space_prefix", False) else 1
@@ -335,7 +342,7 @@ class PasskeyIterator:
             ex = make_passkey_example(self.tok, max(length, self._shortest[intro]), depth, intro=intro,
                                       passkey=random_passkey(rng, self.n_digits), haystack=self.haystack,
                                       seed=int(rng.integers(2**31)))
-            if self.shift:
+            if self.shift and self.step >= self.shift_after and rng.random() < self.shift:
                 ex = self._shifted(ex, rng, intro)
             n = len(ex.tokens)
             seq_BL1[b, :n] = ex.tokens
