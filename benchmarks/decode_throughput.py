@@ -4,7 +4,7 @@
         [--attention infini] [--rule linear] [--batch 1] [--d_model 64] [--layers 2] [--heads 4] [--head_dim 16]
         [--d_ff 256] [--segment 32] [--vocab 259]
 
-Defaults are the tiny config's shape (random weights: speed does not depend on them). Each prompt length runs
+Defaults are the tiny config's shape before c2514f2 (d_ff 256; now 64) (random weights: speed does not depend on them). Each prompt length runs
 in a subprocess of its own, so that one run's peak RSS (resource.getrusage ru_maxrss, the whole process:
 Python, JAX, compiled code, the prompt itself) cannot hide the other's. In each: warm-up (every compiled shape
 once, on a short prompt), then the timed prefill of the random prompt (infini_jax.generate.prefill), then the
