@@ -73,6 +73,8 @@ def main():
     for rule in a.rules.split(","):
         config = get_config(f"rule={rule}")
         config.data.passkey_haystack = a.haystack
+        if a.haystack:  # prose already puts the key line at every offset; the shift's tail is the paper's filler
+            config.data.passkey_shift = 0.0
         config.evals.passkey.x = ()  # this script evaluates
         if a.mass_max:
             config.data.passkey_mass_max = a.mass_max

@@ -116,6 +116,8 @@ def test_shift_puts_the_key_line_at_every_offset_and_keeps_the_prompt_words():
     assert len(key_offsets(PasskeyIterator(TOK, shift=0.5, shift_after=1, **kw))) >= 20  # half the rows of 1..3
     assert next(PasskeyIterator(TOK, **kw))["tokens"].tolist() == \
         next(PasskeyIterator(TOK, shift=1.0, shift_after=1, **kw))["tokens"].tolist()  # batch 0: not yet shifted
+    with pytest.raises(ValueError, match="passkey_shift"):
+        PasskeyIterator(TOK, shift=0.5, haystack=object(), **kw)
     for b in range(64):  # the augmentation still spares the key line's segments after the shift
         key = TOK.decode(batch["tokens"][b]).index("The pass key is ") + 1
         first, last = key // 32, (key + len(KEY_TEMPLATE.format(key="12345")) - 1) // 32

@@ -302,6 +302,9 @@ class PasskeyIterator:
         self.shift, self.shift_after = float(shift), int(shift_after)
         if not 0.0 <= self.shift <= 1.0:
             raise ValueError(f"passkey_shift must be a bool or a probability in [0, 1], got {shift}")
+        if self.shift and haystack is not None:  # the tail is the paper's filler, which prose examples do not have
+            raise ValueError("passkey_shift inserts the paper's filler, but passkey_haystack hides the key line in "
+                             "prose (already at any offset): set passkey_shift=0 with a haystack")
         if self.shift:  # the filler's tails at word starts, each with the whitespace before it (none first)
             filler_N = _unit_ids(tokenizer, FILLER, False)
             lead = 0 if getattr(tokenizer, "space_prefix", False) else 1
