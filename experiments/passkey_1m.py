@@ -13,6 +13,7 @@ OUT/gates_<rule>.png.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -44,6 +45,8 @@ def main():
     p.add_argument("--eval_only", action="store_true")
     p.add_argument("--mass_max", type=float, default=None,
                    help="data.passkey_mass_max: the largest memory-mass factor c (default: the tiny config's 128)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config override, applied last, e.g. --set data.passkey_mass_prob=0.8 (repeatable)")
     a = p.parse_args()
     from infini_jax.configs.tiny import get_config
     from infini_jax.sharding import choose_platform, set_cpu_devices
@@ -82,6 +85,13 @@ def main():
             for key in ("passkey_mass_after", "passkey_shift_after"):
                 config.data[key] = int(round(a.steps * config.data[key] / config.train.steps))
             config.train.steps = a.steps
+        for item in a.set:
+            key, _, value = item.partition("=")
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):  # a bare word: a string
+                pass
+            config.update_from_flattened_dict({key: value})
         workdir = out / rule
         r = results["rules"][rule] = {}
         if not a.eval_only:
