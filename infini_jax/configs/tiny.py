@@ -12,8 +12,9 @@ The recipe (chosen with measured runs; the README's Evidence section lists them 
   * loss on the answer and on the key line's second copy of the key (data.passkey_loss_on_key);
   * from half-way on, in half the rows, the key line shifted by a random filler tail (data.passkey_shift), so
     it is seen at every offset within a segment, as prompts of other lengths put it;
-  * memory-mass augmentation in the last 20% of the steps: in half the rows the writes of every segment
-    without the key line count c ~ log-uniform[1, 128] times (a longer haystack at no extra compute);
+  * memory-mass augmentation from half-way on: in half the rows the writes of every segment without the key
+    line count c ~ log-uniform[1, 65536] times, i.e. haystacks up to ~19M tokens at no extra compute (with c <=
+    128 from step 2,400, retrieval fell to chance beyond ~41K tokens; experiments/passkey_1m.py);
   * at the end, config.evals prints the passkey digit accuracy at 1x, 16x and 64x the training length, with
     the memory and with it knocked out.
 """
@@ -29,7 +30,8 @@ def get_config(arg=None):
     config.model.update(d_model=64, head_dim=16, d_ff=64, segment_len=32, n_segments=10, remat=False,
                         attention=arg.attention, rule=arg.rule, mode=arg.mode)
     config.data.update(passkey_min_len=104, passkey_intro=0.5, passkey_loss_on_key=True, passkey_shift=0.5,
-                       passkey_shift_after=1500, passkey_mass_prob=0.5, passkey_mass_after=2400)
+                       passkey_shift_after=1500, passkey_mass_prob=0.5,
+                       passkey_mass_max=65536.0, passkey_mass_after=1500)
     config.train.update(steps=3000, batch_size=16, cpu_devices=2, log_every=100, eval_every=1000, ckpt_every=1000)
     config.optim.update(lr=3e-3, gate_lr=1e-2, warmup_steps=30, weight_decay=0.1)
     # evaluators run at the end of training: passkey digit accuracy at 1x, 16x and 64x the training length
