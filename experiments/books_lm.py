@@ -34,13 +34,9 @@ WINDOW_32K = 32768
 def config_for(name: str, overrides: list[str]):
     from infini_jax.configs.books import get_config
 
-    config = get_config(MODELS[name])
-    for item in overrides:  # --config.section.key=value
-        key, value = item[len("--config."):].split("=", 1)
-        section, field = key.split(".")
-        old = config[section][field]
-        config[section][field] = type(old)(value) if not isinstance(old, bool) else value.lower() == "true"
-    return config
+    from infini_jax.config import apply_overrides
+
+    return apply_overrides(get_config(MODELS[name]), overrides)  # --config.section.key=value
 
 
 def reset_every(batches, windows: int):

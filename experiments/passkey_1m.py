@@ -5,6 +5,8 @@ memory knock-out; on the paper's filler or hidden in book prose.
     python experiments/passkey_1m.py --out runs/passkey_books --haystack ../shared/corpus/pg19
         # trains on prose from DIR/train, evaluates on prose from DIR/test (--eval_haystack to change it)
     python experiments/passkey_1m.py --out runs/passkey_books --eval_only --eval_haystack OTHER_BOOKS
+    python experiments/passkey_1m.py --out runs/m4096 --rules linear --config.data.passkey_mass_max=4096
+        # any --config.<section>.<key>=value of the tiny config, applied after --steps' rescaling
 
 Writes OUT/results.json, OUT/passkey_1m.md (digit accuracy tables), OUT/passkey_<rule>.png heatmaps and
 OUT/gates_<rule>.png.
@@ -13,7 +15,6 @@ OUT/gates_<rule>.png.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 import time
@@ -36,18 +37,17 @@ def main():
     p.add_argument("--haystack", default="", help="folder of books: train on DIR/train prose (and evaluate on "
                    "DIR/test unless --eval_haystack)")
     p.add_argument("--eval_haystack", default=None)
-    p.add_argument("--steps", type=int, default=None, help="default: the tiny config.s")
+    p.add_argument("--steps", type=int, default=None, help="default: the tiny config's")
     p.add_argument("--lengths", default="1K,4K,16K,64K,256K,1M")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--knockout", default="linear", help="rules whose memory knock-out is evaluated")
     p.add_argument("--knockout_lengths", default="1K,4K,16K,64K", help="lengths of the knock-out sweep")
     p.add_argument("--eval_only", action="store_true")
-    p.add_argument("--mass_max", type=float, default=None,
-                   help="data.passkey_mass_max: the largest memory-mass factor c (default: the tiny config's 128)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config override, applied last, e.g. --set data.passkey_mass_prob=0.8 (repeatable)")
-    a = p.parse_args()
+    a, overrides = p.parse_known_args()  # and --config.<section>.<key>=value: any tiny-config key, applied last
+    if bad := [o for o in overrides if not o.startswith("--config.")]:
+        p.error(f"unknown arguments {bad}")
+    from infini_jax.config import apply_overrides
     from infini_jax.configs.tiny import get_config
     from infini_jax.sharding import choose_platform, set_cpu_devices
 
@@ -79,19 +79,11 @@ def main():
         if a.haystack:  # prose already puts the key line at every offset; the shift's tail is the paper's filler
             config.data.passkey_shift = 0.0
         config.evals.passkey.x = ()  # this script evaluates
-        if a.mass_max:
-            config.data.passkey_mass_max = a.mass_max
         if a.steps:  # the shift and mass-augmentation phases keep their share of training
             for key in ("passkey_mass_after", "passkey_shift_after"):
                 config.data[key] = int(round(a.steps * config.data[key] / config.train.steps))
             config.train.steps = a.steps
-        for item in a.set:
-            key, _, value = item.partition("=")
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):  # a bare word: a string
-                pass
-            config.update_from_flattened_dict({key: value})
+        config = apply_overrides(config, overrides)
         workdir = out / rule
         r = results["rules"][rule] = {}
         if not a.eval_only:

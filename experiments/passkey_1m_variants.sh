@@ -3,7 +3,8 @@
 # GPU (each is latency-bound, so they share it), then one summary. What a variant finds is confirmed on the
 # CPU with the plain experiments/passkey_1m.py command before the README quotes it.
 #   bash experiments/passkey_1m_variants.sh OUT_DIR [BOOKS_DIR]
-# Each line of VARIANTS below is "name|passkey_1m.py arguments". Matmuls run at full float32 precision
+# Each line of VARIANTS below is "name|passkey_1m.py arguments" (the default: batch 1 of
+# experiments/results/passkey_1m_gpu_variants, with the mass keys spelt out as e59721e's tiny config had them). Matmuls run at full float32 precision
 # (JAX_DEFAULT_MATMUL_PRECISION=highest), as on a CPU.
 set -u
 OUT=${1:-${OUT:-/tmp/variants_out}}; BOOKS=${2:-../shared/corpus/pg19}; mkdir -p "$OUT"
@@ -14,14 +15,14 @@ python -c "import grain, ml_collections, tensorboardX" 2>/dev/null || \
 nvidia-smi -L 2>/dev/null; python -c "import jax; print(jax.__version__, jax.devices())"
 # two passes, so that a variant cut off by its timeout still reports 64K and 256K
 EVAL=${EVAL:-"--knockout none --trials 10"}; SHORT=${SHORT:-64K,256K}; LONG=${LONG:-1M}
-VARIANTS=${VARIANTS:-"m4096|--mass_max 4096
-m65536|--mass_max 65536
-m65536_s6000|--mass_max 65536 --steps 6000
-m1M|--mass_max 1048576
-m65536_after1500|--mass_max 65536 --set data.passkey_mass_after=1500
-m65536_seed1|--mass_max 65536 --set train.seed=1 --set data.seed=1
-m65536_delta|--mass_max 65536 --rules delta --knockout none
-m65536_books|--mass_max 65536 --haystack $BOOKS"}
+VARIANTS=${VARIANTS:-"m4096|--config.data.passkey_mass_max=4096 --config.data.passkey_mass_after=2400
+m65536|--config.data.passkey_mass_max=65536 --config.data.passkey_mass_after=2400
+m65536_s6000|--config.data.passkey_mass_max=65536 --steps 6000 --config.data.passkey_mass_after=4800
+m1M|--config.data.passkey_mass_max=1048576 --config.data.passkey_mass_after=2400
+m65536_after1500|--config.data.passkey_mass_max=65536 --config.data.passkey_mass_after=1500
+m65536_seed1|--config.data.passkey_mass_max=65536 --config.data.passkey_mass_after=2400 --config.train.seed=1 --config.data.seed=1
+m65536_delta|--config.data.passkey_mass_max=65536 --config.data.passkey_mass_after=2400 --rules delta
+m65536_books|--config.data.passkey_mass_max=65536 --config.data.passkey_mass_after=2400 --haystack $BOOKS"}
 RUNS=/tmp/variants_runs; rm -rf $RUNS; mkdir -p $RUNS
 while IFS='|' read -r name args; do
   # shellcheck disable=SC2086

@@ -26,7 +26,6 @@ attention terms; remat recomputes one more forward, so the compiled count is exp
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import os
 import re
@@ -250,18 +249,11 @@ def format_report(r: dict) -> str:
 
 
 def load_config(spec: str, overrides: Optional[list[str]] = None):
-    """`NAME[:arg]` or `path/to/config.py[:arg]` → ConfigDict, then `section.key=value` overrides (type of the
-    old value)."""
+    """`NAME[:arg]` or `path/to/config.py[:arg]` → ConfigDict, then `section.key=value` overrides, typed and
+    checked as the CLIs' --config.section.key=value (config.apply_overrides)."""
     from infini_jax import config as config_lib
 
-    config = config_lib.load_config(spec)
-    for item in overrides or []:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = functools.reduce(getattr, parents, config)
-        kind = node.get_type(leaf)  # the declared type, also of a None placeholder
-        node[leaf] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-    return config
+    return config_lib.apply_overrides(config_lib.load_config(spec), [f"--config.{o}" for o in overrides or []])
 
 
 def main(argv=None) -> None:

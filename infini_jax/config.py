@@ -166,8 +166,9 @@ def define_config_flag(help_string: str, flag_values: flags.FlagValues = flags.F
     flag_values["config"].parser = _ConfigParser()  # names of shipped configs, one-line errors
 
 
-def _bad_override(argv) -> str | None:
-    """The first --config.a.b=... in argv that names no key of the config, as one line (None: all exist)."""
+def _bad_override(argv, config: ml_collections.ConfigDict | None = None) -> str | None:
+    """The first --config.a.b=... in argv that names no key of the config (default: the one argv's --config
+    names), as one line (None: all exist)."""
     spec = None
     for i, arg in enumerate(argv):
         if re.match(r"--?config=", arg):
@@ -175,7 +176,7 @@ def _bad_override(argv) -> str | None:
         elif re.fullmatch(r"--?config", arg) and i + 1 < len(argv):
             spec = argv[i + 1]
     try:
-        config = load_config(spec)
+        config = load_config(spec) if config is None else config
     except Exception:  # the config itself is broken: the caller's message says more
         return None
     for arg in argv:
@@ -192,7 +193,7 @@ def _bad_override(argv) -> str | None:
     return None
 
 
-def parse_cli_flags(flags_obj, argv):
+def parse_cli_flags(flags_obj, argv, config: ml_collections.ConfigDict | None = None):
     """absl flag parsing for the CLIs: a bad flag, config name or --config.x=y override (unknown key, wrong
     type) is one line on stderr and exit code 2, not a traceback."""
     try:
@@ -201,9 +202,23 @@ def parse_cli_flags(flags_obj, argv):
         if isinstance(e, flags.Error):  # a flag's value (or the config's get_config) was rejected
             message = f"{e} (see --help)"
         else:  # an override ml_collections could not apply: name the key when it does not exist
-            message = _bad_override(argv) or f"bad --config override: {e}"
+            message = _bad_override(argv, config) or f"bad --config override: {e}"
         print("error: " + " ".join(message.split()), file=sys.stderr)
         sys.exit(2)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """`--config.<section>.<key>=value` overrides on a config the caller built (the experiment scripts), parsed
+    by ml_collections' own flag parser as in the CLIs: typed as the key's default, and an unknown key or a
+    bad value is one line and exit code 2."""
+    flag_values = flags.FlagValues()
+
+    def parse(argv):  # the overrides are applied (and a missing key found) as the flag is defined
+        config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv, lock_config=True)
+        return flag_values(argv)
+
+    parse_cli_flags(parse, ["experiment", *overrides], config)
+    return flag_values.config
 
 
 def run_cli(main, module_name: str) -> None:

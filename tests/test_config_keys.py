@@ -91,6 +91,31 @@ def test_bad_input_is_one_line(argv, expected, monkeypatch, capsys):
     assert re.search(expected, err), err
 
 
+def test_experiment_scripts_take_the_same_overrides(capsys):
+    """apply_overrides: experiments/passkey_1m.py and books_lm.py apply --config.x=y to a config they built,
+    typed and checked by the same parser as the CLIs."""
+    config = config_lib.apply_overrides(config_lib.load_config("tiny"), [
+        "--config.data.passkey_mass_max=4096", "--config.data.passkey_mass_after=7", "--config.model.remat=True",
+        "--config.data.passkey_haystack=/books", "--config.evals.passkey.x=(1, 2)"])
+    assert config.data.passkey_mass_max == 4096.0 and isinstance(config.data.passkey_mass_max, float)
+    assert config.data.passkey_mass_after == 7 and config.model.remat is True
+    assert config.data.passkey_haystack == "/books" and tuple(config.evals.passkey.x) == (1, 2)
+    for bad, expected in (("--config.data.passkey_mass_maxx=3", "did you mean 'passkey_mass_max'"),
+                          ("--config.train.seed=abc", "invalid literal for int")):
+        with pytest.raises(SystemExit) as exit_info:
+            config_lib.apply_overrides(config_lib.load_config("tiny"), [bad])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+def test_passkey_1m_refuses_a_bad_override_before_training(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "experiments" / "passkey_1m.py"), "--out", str(tmp_path / "o"),
+                        "--rules", "linear", "--config.data.passkey_mass_maxx=5"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "did you mean 'passkey_mass_max'" in r.stderr, r.stderr
+    assert not (tmp_path / "o" / "linear").exists()
+
+
 def test_readme_table_is_current():
     readme = (REPO / "README.md").read_text()
     assert config_lib.markdown_table() in readme, (
