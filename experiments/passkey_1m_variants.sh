@@ -4,8 +4,8 @@
 # CPU with the plain experiments/passkey_1m.py command before the README quotes it.
 #   bash experiments/passkey_1m_variants.sh OUT_DIR [BOOKS_DIR]
 # Each line of VARIANTS below is "name|passkey_1m.py arguments" (the default: batch 1 of
-# experiments/results/passkey_1m_gpu_variants, with the mass keys spelt out as e59721e's tiny config had them). Matmuls run at full float32 precision
-# (JAX_DEFAULT_MATMUL_PRECISION=highest), as on a CPU.
+# experiments/results/passkey_1m_gpu_variants, with the mass keys spelt out as e59721e's tiny config had them).
+# Matmuls run at full float32 precision (JAX_DEFAULT_MATMUL_PRECISION=highest), as on a CPU.
 set -u
 OUT=${1:-${OUT:-/tmp/variants_out}}; BOOKS=${2:-../shared/corpus/pg19}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD TPU_SKIP_MDS_QUERY=1 JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -33,8 +33,9 @@ while IFS='|' read -r name args; do
   ) > $RUNS/$name.log 2>&1 &
   echo "$name|$args" >> $RUNS/variants.txt
 done <<< "$VARIANTS"
-for _ in $(seq "${VARIANT_TIMEOUT:-420}"); do pgrep -f experiments/passkey_1m.py >/dev/null || break; sleep 1; done
-pkill -f experiments/passkey_1m.py; wait
+# only this script's runs (their --out is under $RUNS), not another passkey_1m.py on the same host
+for _ in $(seq "${VARIANT_TIMEOUT:-420}"); do pgrep -f "out $RUNS/" >/dev/null || break; sleep 1; done
+pkill -f "out $RUNS/"; wait
 for f in $RUNS/*.log; do
   n=$(basename "$f" .log); echo "## $(grep "^$n|" $RUNS/variants.txt)"; grep -hE -A8 "memory: passkey|^train \+ eval|Error|error" "$f" | grep -v "^--$" | head -40
 done | tee "$OUT/summary.md"
