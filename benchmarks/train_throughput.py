@@ -72,7 +72,8 @@ def model_flops(cfg: ModelConfig, batch: int) -> float:
 
 
 def jax_stepper(model_cfg: ModelConfig, batch: int, devices: int = 1):
-    """A function running one real train step (blocking) on a data mesh of `devices`, warmed up (compiled)."""
+    """A function running one real train step (blocking) on a data mesh of `devices`, compiled ahead, and the
+    compiled step's temporary (activation) bytes per device from XLA's memory analysis."""
     mesh = shd.make_mesh(dict(data=devices, fsdp=1, tensor=1), jax.devices()[:devices])
     tx, lr_fn, _ = optim_lib.make_optimizer(dict(name="adamw", lr=1e-3, warmup_steps=10), 1000)
     graphdef, state, state_sh, _ = T.create_train_state(model_cfg, tx, mesh, seed=0)
@@ -81,12 +82,13 @@ def jax_stepper(model_cfg: ModelConfig, batch: int, devices: int = 1):
     seq = np.random.default_rng(0).integers(3, model_cfg.vocab_size, (batch, L + 1)).astype(np.int32)
     data = shd.global_batch({"tokens": seq[:, :-1], "targets": seq[:, 1:], "loss_mask": np.ones((batch, L), np.float32),
                              "reset": np.ones((batch,), bool)}, mesh)
+    compiled = step.lower(state, data).compile()
     box = {"state": state}
 
     def run():
-        box["state"], metrics = step(box["state"], data)
+        box["state"], metrics = compiled(box["state"], data)
         jax.block_until_ready(metrics["loss"])
-    return run
+    return run, compiled.memory_analysis().temp_size_in_bytes
 
 
 def peer_stepper(a, batch: int):
@@ -160,7 +162,7 @@ def main():
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); batch {a.batch} x {a.seq_len}, "
           f"segment {a.segment}, d_model {a.d_model}, {a.layers} layers, {a.heads} x {a.head_dim} heads, "
           f"d_ff {a.d_ff}, vocab {a.vocab}, rule {a.rule}, mode {a.mode}; float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    fns, flops = {}, {}
+    fns, flops, temp = {}, {}, {}
     for att in a.attention.split(","):
         variants = [(m, bool(int(r)), n) for m in a.mode.split(",") for r in a.remat_segments.split(",")
                     for n in device_counts] if att == "infini" else [("scan", True, 1)]
@@ -168,22 +170,24 @@ def main():
             name = f"infini-jax {att}" + (f" ({mode}, remat_segments={remat}" + (f", {n} devices" if n > 1 else "")
                                           + ")" if att == "infini" else "")
             cfg = config(a, att, a.seq_len, a.segment, remat, mode)
-            fns[name], flops[name] = jax_stepper(cfg, a.batch, n), model_flops(cfg, a.batch)
+            (fns[name], temp[name]), flops[name] = jax_stepper(cfg, a.batch, n), model_flops(cfg, a.batch)
     if a.peer:
         fns["peer (infini-transformer-pytorch)"] = peer_stepper(a, a.batch)
         flops["peer (infini-transformer-pytorch)"] = model_flops(config(a, "infini", a.seq_len, a.segment), a.batch)
     times = timed(fns, a.steps, a.warmup)
     ref = times.get("peer (infini-transformer-pytorch)")
     local = times.get("infini-jax local")
-    print("| step | s (median) | tokens/s | MFU | vs peer | vs local |\n|---|---:|---:|---:|---:|---:|")
+    print("| step | s (median) | tokens/s | MFU | vs peer | vs local | temp MiB |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
     for name, t in times.items():
         vs_peer = f"{ref / t:.2f}×" if ref else "-"
         vs_local = f"{t / local:.2f}" if local else "-"
+        mib = f"{temp[name] / 2**20:,.0f}" if name in temp else "-"
         print(f"| {name} | {t:.3f} | {a.batch * a.seq_len / t:,.0f} | {flops[name] / t / peak:.0%} | {vs_peer} | "
-              f"{vs_local} |", flush=True)
+              f"{vs_local} | {mib} |", flush=True)
     if a.scaling:
         lengths = [int(x) for x in a.scaling.split(",")]
-        fns = {n: jax_stepper(config(a, "infini", n, a.scaling_segment), 1) for n in lengths}
+        fns = {n: jax_stepper(config(a, "infini", n, a.scaling_segment), 1)[0] for n in lengths}
         times = timed(fns, a.steps, a.warmup)
         print(f"\nper-token time, infini, batch 1, segment {a.scaling_segment}:\n"
               "| input tokens | step s | tokens/s | per-token time vs the first row |\n|---:|---:|---:|---:|")

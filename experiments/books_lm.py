@@ -4,13 +4,15 @@ attention at the training length, with equal parameters, data, tokens and steps 
     python experiments/books_lm.py --out runs/books                       # train every model, then evaluate
     python experiments/books_lm.py --out runs/books --eval_only \
         --config.data.data_dir=DIR --split test                           # any folder of books, trained models
+    python experiments/books_lm.py --out runs/books --models xl --train_only   # train some, evaluate later
 
 Evaluation (bits per byte, exact for byte tokens):
   * `whole book`: every book streamed window after window with the memory (XL: the cache) carried from its
     first byte to its last; full attention sees one training window at a time;
   * `32K windows`: the same books cut into independent 32,768-token windows (the paper's Table 2 setting),
     the memory reset at each window start.
-Writes OUT/results.json, OUT/books_lm.md (the table) and OUT/segment_curves.png (loss by segment position in
+Writes OUT/results.json, OUT/books_lm.md (the table, and bits per byte by offset within a segment: a
+segment's first bytes have no local context, only the memory or XL's cache) and OUT/segment_curves.png (loss by segment position in
 the document, all models in one figure) and OUT/gates.png (the infini models' gates).
 """
 
@@ -66,7 +68,7 @@ def evaluate_model(config, workdir: Path, split: str, max_docs, batch_size: int)
     chunked = ev.evaluate_perplexity(model, reset_every(batches(), max(1, WINDOW_32K // cfg.seq_len)), tokenizer=tok)
     out.update(whole_book=whole["bits_per_byte"], windows_32k=chunked["bits_per_byte"], bytes=whole["bytes"],
                documents=whole["documents"], segment_curve=whole["segment_curve"],
-               segment_curve_32k=chunked["segment_curve"])
+               segment_curve_32k=chunked["segment_curve"], offset_curve=whole["offset_curve"])
     if cfg.attention == "infini":
         out["gates"] = np.asarray(gate_values(model)).tolist()
     return out
@@ -82,6 +84,14 @@ def binned(curve: dict, n_bins: int = 24) -> dict:
     mean = np.bincount(idx, loss * tok, len(edges) - 1)[keep] / w[keep]
     mid = np.sqrt(np.maximum(edges[:-1], 1) * edges[1:])[keep]
     return {"segment": mid.tolist(), "loss": (mean / np.log(2)).tolist(), "tokens": w[keep].tolist()}
+
+
+def offset_bins(curve: dict) -> list:
+    """Bits per byte (byte tokens) at offsets 0, 1-3, 4-15 and 16-end within a segment (full attention: within
+    the window): token-weighted means of the offset curve."""
+    loss, tok = np.asarray(curve["loss"]), np.asarray(curve["tokens"], float)
+    edges = [0, 1, 4, 16, len(loss)]
+    return [float((loss[a:b] * tok[a:b]).sum() / tok[a:b].sum() / np.log(2)) for a, b in zip(edges, edges[1:])]
 
 
 def plot(results: dict, out: Path) -> None:
@@ -105,6 +115,8 @@ def main():
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--split", default="validation,test")
     p.add_argument("--eval_only", action="store_true")
+    p.add_argument("--train_only", action="store_true", help="train the models, evaluate none (e.g. to train "
+                   "them one invocation at a time, then evaluate all with --eval_only)")
     p.add_argument("--plot_only", action="store_true", help="redraw the figures from OUT/results.json")
     p.add_argument("--max_docs", type=int, default=None)
     p.add_argument("--eval_batch", type=int, default=2, help="rows streamed at once (one book each); more rows "
@@ -131,6 +143,8 @@ def main():
             train_and_evaluate(config, out / name, progress=False)
             results["models"].setdefault(name, {})["train_seconds"] = round(time.time() - t0, 1)
             print(f"{name}: trained in {time.time() - t0:.0f} s", flush=True)
+    if a.train_only:
+        return
     for name in names:
         config = config_for(name, overrides)
         for split in results["splits"]:
@@ -145,6 +159,12 @@ def main():
         m = results["models"][name]
         lines.append(f"| {name} | " + " | ".join(f"{m[s]['whole_book']:.4f} | {m[s]['windows_32k']:.4f}"
                                                  for s in results["splits"]) + " |")
+    split = results["splits"][-1]
+    lines += ["", f"bits per byte by offset within a segment ({split}, whole book; full attention: within its "
+              "512-byte window)", "", "| model | 0 | 1-3 | 4-15 | 16-end |", "|---|---:|---:|---:|---:|"]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in
+                                                 offset_bins(results["models"][name][split]["offset_curve"])) + " |")
     table = "\n".join(lines)
     (out / "books_lm.md").write_text(f"bits per byte (lower is better); {a.split}\n\n{table}\n")
     print(table)

@@ -225,7 +225,9 @@ def loss_sums(graphdef, params, batch, memory=None):
 
 def segment_sums(graphdef, params, batch, memory, byte_table_V):
     """Per row and segment [b, s] sums of NLL, scored tokens, correct argmax and target bytes (the
-    per-segment-position curve and bits per byte); and the new memory. byte_table_V: int32 [V]."""
+    per-segment-position curve and bits per byte), the NLL and scored tokens by offset within a segment summed
+    over rows and segments ("offset_nll", "offset_tokens": [n]; how much context a segment's first tokens
+    lack), and the new memory. byte_table_V: int32 [V]."""
     tok, memory = token_losses(graphdef, params, batch, memory)
     seg = nnx.merge(graphdef, params).cfg.segment_len
     b, l = batch["tokens"].shape
@@ -236,8 +238,12 @@ def segment_sums(graphdef, params, batch, memory, byte_table_V):
     def per_segment(x_bl):
         return x_bl.reshape(b, n_seg, l // n_seg).sum(-1)
 
+    def per_offset(x_bl):
+        return x_bl.reshape(b, n_seg, l // n_seg).sum((0, 1))
+
     sums_bs = {"nll": per_segment(tok["nll"]), "tokens": per_segment(mask_bl),
-               "correct": per_segment(tok["correct"]), "bytes": per_segment(bytes_bl)}
+               "correct": per_segment(tok["correct"]), "bytes": per_segment(bytes_bl),
+               "offset_nll": per_offset(tok["nll"]), "offset_tokens": per_offset(mask_bl)}
     return sums_bs, memory
 
 
@@ -323,7 +329,8 @@ def _merge_rows(x, axis: int):
 
 
 def make_eval_step(graphdef, *, mesh, param_shardings, memory_shardings):
-    """`(params, memory, batch, byte_table_V) -> (sums [b, s] + the batch's reset [b], memory)` (segment_sums),
+    """`(params, memory, batch, byte_table_V) -> (sums [b, s] and by offset [n], the batch's reset [b], memory)`
+    (segment_sums),
     the sums replicated (every process reads the whole batch's), the memory donated: it streams from batch to
     batch."""
     batch_sh, repl = shd.batch_sharding(mesh, 2), shd.replicated(mesh)

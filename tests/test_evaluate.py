@@ -43,8 +43,9 @@ def make_docs(seed=0, lengths=(37, 5, 50, 17)):
 
 
 def reference_nll(model, docs):
-    """One long forward pass per document (no streaming): total NLL, tokens, per-segment-position sums."""
-    tot, count, curve = 0.0, 0.0, {}
+    """One long forward pass per document (no streaming): total NLL, tokens, per-segment-position sums and
+    per-offset-within-a-segment sums [SEG, 2]."""
+    tot, count, curve, offset = 0.0, 0.0, {}, np.zeros((SEG, 2))
     longest = -(-max(len(s) - 1 for s, _ in docs) // SEG) * SEG  # one shape: one compile
     for seq, score in docs:
         n = len(seq) - 1
@@ -60,7 +61,9 @@ def reference_nll(model, docs):
             c = curve.setdefault(s, [0.0, 0.0])
             c[0] += nll[s * SEG:(s + 1) * SEG].sum()
             c[1] += score[1:][s * SEG:(s + 1) * SEG].sum()
-    return tot, count, curve
+        np.add.at(offset, (np.arange(n) % SEG, 0), nll)
+        np.add.at(offset, (np.arange(n) % SEG, 1), score[1:])
+    return tot, count, curve, offset
 
 
 @pytest.mark.parametrize("attention", ["infini", "xl"])
@@ -69,7 +72,7 @@ def test_streaming_windows_equal_one_long_pass(attention):
     docs = make_docs()
     it = WindowIterator(len(docs), lambda i: docs[i], Windows(seq_len=2 * SEG, batch_size=2, pad_id=0, train=False))
     res = ev.evaluate_perplexity(model, it, tokenizer=ByteTokenizer())
-    tot, count, curve = reference_nll(model, docs)
+    tot, count, curve, offset = reference_nll(model, docs)
     assert res["tokens"] == count == sum(len(s) - 1 for s, _ in docs)
     np.testing.assert_allclose(res["loss"], tot / count, rtol=2e-5)
     assert res["documents"] == len(docs)
@@ -77,6 +80,8 @@ def test_streaming_windows_equal_one_long_pass(attention):
     for s, (nll, c) in curve.items():
         if c:
             np.testing.assert_allclose(got[s], nll / c, rtol=2e-5)
+    assert res["offset_curve"]["tokens"] == offset[:, 1].astype(int).tolist()
+    np.testing.assert_allclose(res["offset_curve"]["loss"], offset[:, 0] / offset[:, 1], rtol=2e-5)
     # bytes: every target but eos is a byte token
     assert res["bytes"] == count - len(docs)
     np.testing.assert_allclose(res["bits_per_byte"], tot / math.log(2) / (count - len(docs)), rtol=2e-5)

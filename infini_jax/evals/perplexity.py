@@ -9,7 +9,9 @@ token of every segment: ppl = exp(Σ NLL / Σ loss_mask) (never only the last se
 step.segment_sums (the training loss, chunked and sharded like the train step).
 
 The per-segment-position curve: mean NLL by segment index within the document (index = window_index ×
-n_segments + segment in window): does the loss fall as the memory fills up?
+n_segments + segment in window): does the loss fall as the memory fills up? The offset curve: mean NLL by
+position within a segment (0 .. segment_len − 1; full attention: within the window): a segment's first tokens
+have no local context, and only the memory (XL: the cache) can stand in for it.
 
 Bits per byte: bpb = Σ NLL / ln 2 / Σ bytes(target), where bytes(v) is the number of UTF-8 bytes token v
 stands for (`byte_length_table`): ByteTokenizer → 1 for every byte token, 0 for pad/bos/eos (exact).
@@ -107,6 +109,7 @@ class _Totals:
     def __init__(self):
         self.tot = dict(nll=0.0, tokens=0.0, correct=0.0, bytes=0.0, rows=0.0, rows_correct=0.0)
         self.curve_nll, self.curve_tok = np.zeros(0), np.zeros(0)
+        self.offset_nll = self.offset_tok = 0.0  # [segment_len] once a batch is added
         self.window_b = None  # window index within its document, per row
         self.documents = self.batches = 0
 
@@ -129,6 +132,7 @@ class _Totals:
             self.curve_tok = np.pad(self.curve_tok, (0, need - len(self.curve_tok)))
         np.add.at(self.curve_nll, pos_bs.ravel(), s["nll"].ravel())
         np.add.at(self.curve_tok, pos_bs.ravel(), s["tokens"].ravel())
+        self.offset_nll, self.offset_tok = self.offset_nll + s["offset_nll"], self.offset_tok + s["offset_tokens"]
         self.batches += 1
 
     def result(self, has_bytes: bool) -> dict:
@@ -146,6 +150,8 @@ class _Totals:
             "segment_curve": {"segment": np.nonzero(keep)[0].tolist(),
                               "loss": (self.curve_nll[keep] / self.curve_tok[keep]).tolist(),
                               "tokens": self.curve_tok[keep].astype(int).tolist()},
+            "offset_curve": {"loss": (self.offset_nll / np.maximum(self.offset_tok, 1.0)).tolist(),
+                             "tokens": np.asarray(self.offset_tok).astype(int).tolist()},
         }
 
 
@@ -155,7 +161,8 @@ def evaluate_perplexity(model_or_subject, batches: Iterable[dict], *, tokenizer=
     Bits per byte when the tokenizer fits the model's vocabulary (byte_length_table).
 
     Returns {"loss", "ppl" (= "perplexity"), "accuracy", "seq_accuracy" (rows all right), "tokens",
-    "bits_per_byte" (or None), "bytes", "batches", "documents", "segment_curve": {"segment", "loss", "tokens"}}.
+    "bits_per_byte" (or None), "bytes", "batches", "documents", "segment_curve": {"segment", "loss", "tokens"},
+    "offset_curve": {"loss", "tokens"} (one entry per offset within a segment)}.
     """
     subject = as_subject(model_or_subject, tokenizer)
     cfg, mesh, tokenizer = subject.model_cfg, subject.mesh, tokenizer or subject.tokenizer
