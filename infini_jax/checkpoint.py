@@ -13,6 +13,7 @@ parameters only (fine-tuning), checking paths and shapes against the model confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any, Callable, Mapping, Optional
@@ -24,7 +25,7 @@ from etils import epath
 from flax import nnx
 
 from infini_jax import paths
-from infini_jax.model import key_path
+from infini_jax.model import ModelConfig, key_path
 
 ITEMS = ("params", "opt", "data", "config")
 COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
@@ -169,11 +170,15 @@ RESUME_COMPATIBLE = ("remat", "remat_segments", "mode")
 
 def check_model_matches(saved_config: Optional[Mapping[str, Any]], model_section: Mapping[str, Any], where) -> None:
     """A workdir holding a checkpoint of another model is an error (before anything compiles). Only the keys
-    in RESUME_COMPATIBLE (rematerialization, scan vs parallel memory mode) may differ."""
+    in RESUME_COMPATIBLE (rematerialization, scan vs parallel memory mode) may differ. A key that the
+    checkpoint predates (absent from its config) matches when its value now is ModelConfig's default, the
+    behaviour the key was added with."""
     if not saved_config:
         return
     saved = dict(saved_config.get("model") or {})
     now = _jsonable(model_section)
+    defaults = _jsonable({f.name: f.default for f in dataclasses.fields(ModelConfig)})
+    saved.update({k: defaults[k] for k in set(now) - set(saved) if k in defaults and now[k] == defaults[k]})
     diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k) and k not in RESUME_COMPATIBLE}
     if "scan_layers" in diff and len(diff) == 1:

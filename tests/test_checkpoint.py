@@ -199,6 +199,11 @@ def test_check_model_matches_allows_only_compute_keys():
     with pytest.raises(ValueError, match="'rule': \\('linear', 'delta'\\)"):
         ckpt_lib.check_model_matches({"model": dict(MODEL, rule="linear")}, dict(MODEL, rule="delta"), "w")
     ckpt_lib.check_model_matches(None, MODEL, "w")
+    # a key added after the checkpoint was written: fine at its default, an error at any other value
+    older = {k: v for k, v in MODEL.items() if k != "rope_scaling"}
+    ckpt_lib.check_model_matches({"model": older}, dict(MODEL, rope_scaling=[]), "w")
+    with pytest.raises(ValueError, match="rope_scaling"):
+        ckpt_lib.check_model_matches({"model": older}, dict(MODEL, rope_scaling=[8.0, 1.0, 4.0, 8192]), "w")
 
 
 def _truncate_arrays(step_dir):
