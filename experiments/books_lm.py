@@ -117,7 +117,7 @@ def main():
     p.add_argument("--eval_only", action="store_true")
     p.add_argument("--train_only", action="store_true", help="train the models, evaluate none (e.g. to train "
                    "them one invocation at a time, then evaluate all with --eval_only)")
-    p.add_argument("--plot_only", action="store_true", help="redraw the figures from OUT/results.json")
+    p.add_argument("--plot_only", action="store_true", help="redo the table and figures from OUT/results.json")
     p.add_argument("--max_docs", type=int, default=None)
     p.add_argument("--eval_batch", type=int, default=2, help="rows streamed at once (one book each); more rows "
                    "than books only adds padding")
@@ -128,12 +128,14 @@ def main():
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         p.error(f"unknown arguments {bad}")
+    if a.train_only and a.eval_only:
+        p.error("--train_only and --eval_only exclude each other: give one")
     from infini_jax.loop import train_and_evaluate
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.plot_only:
-        return plot(json.loads((out / "results.json").read_text()), out)
+        return report(json.loads((out / "results.json").read_text()), out)
     names = a.models.split(",")
     results = {"models": {}, "overrides": overrides, "splits": a.split.split(",")}
     for name in names:
@@ -153,20 +155,27 @@ def main():
             print(f"{name} {split}: whole book {r['whole_book']:.4f} bits/byte, 32K windows {r['windows_32k']:.4f} "
                   f"({r['documents']} books, {r['bytes']:,} bytes)", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    lines = ["| model | " + " | ".join(f"{s} whole book | {s} 32K windows" for s in results["splits"]) + " |",
-             "|---|" + "---:|---:|" * len(results["splits"])]
+    report(results, out)
+
+
+def report(results: dict, out: Path) -> None:
+    """Writes OUT/books_lm.md (printed too) and the figures from `results` (results.json's content)."""
+    names, splits = list(results["models"]), results["splits"]
+    lines = ["| model | " + " | ".join(f"{s} whole book | {s} 32K windows" for s in splits) + " |",
+             "|---|" + "---:|---:|" * len(splits)]
     for name in names:
         m = results["models"][name]
         lines.append(f"| {name} | " + " | ".join(f"{m[s]['whole_book']:.4f} | {m[s]['windows_32k']:.4f}"
-                                                 for s in results["splits"]) + " |")
-    split = results["splits"][-1]
-    lines += ["", f"bits per byte by offset within a segment ({split}, whole book; full attention: within its "
-              "512-byte window)", "", "| model | 0 | 1-3 | 4-15 | 16-end |", "|---|---:|---:|---:|---:|"]
+                                                 for s in splits) + " |")
+    split = splits[-1]
+    lines += ["", f"bits per byte by offset within a segment ({split}, whole book; full attention: within each "
+              "segment-sized slice of its window, so only one offset-0 byte in n_segments starts a window)", "",
+              "| model | 0 | 1-3 | 4-15 | 16-end |", "|---|---:|---:|---:|---:|"]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in
                                                  offset_bins(results["models"][name][split]["offset_curve"])) + " |")
     table = "\n".join(lines)
-    (out / "books_lm.md").write_text(f"bits per byte (lower is better); {a.split}\n\n{table}\n")
+    (out / "books_lm.md").write_text(f"bits per byte (lower is better); {','.join(splits)}\n\n{table}\n")
     print(table)
     plot(results, out)
 

@@ -44,6 +44,8 @@ ALL = [
     ("passkey_1b", ""), ("passkey_1b", "stage=finetune,rule=delta"), ("passkey_1b", "arch=gemma"),
     ("passkey_1b", "stage=finetune,arch=gemma,attention=xl"),
     ("booksum_8b", ""), ("booksum_8b", "stage=finetune,rule=delta"),
+    ("books", ""), ("books", "rule=delta"), ("books", "attention=xl"), ("books", "attention=local"),
+    ("books", "attention=full"),
 ]
 
 
@@ -60,6 +62,8 @@ def test_config_builds_and_is_locked(name, arg):
     train.train_config(config.train)
     optim.optim_config(config.optim)
     mesh_shape(config.mesh, 64)
+    if config.train.carry_memory:  # the books config carries infini's memory and XL's cache, nothing else
+        train.check_carry_memory(config.data, cfg)
     with pytest.raises((AttributeError, KeyError)):
         config.model.not_a_field = 1  # locked: a typo in an override is an error, not a silent new key
     for key, value in (kv.split("=") for kv in filter(None, arg.split(","))):

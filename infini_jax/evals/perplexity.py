@@ -10,8 +10,9 @@ step.segment_sums (the training loss, chunked and sharded like the train step).
 
 The per-segment-position curve: mean NLL by segment index within the document (index = window_index ×
 n_segments + segment in window): does the loss fall as the memory fills up? The offset curve: mean NLL by
-position within a segment (0 .. segment_len − 1; full attention: within the window): a segment's first tokens
-have no local context, and only the memory (XL: the cache) can stand in for it.
+position within a segment (0 .. segment_len − 1; full attention's window is cut into the same segments, so
+only one of its offset-0 tokens in n_segments lacks context): a segment's first tokens have no local context,
+and only the memory (XL: the cache) can stand in for it.
 
 Bits per byte: bpb = Σ NLL / ln 2 / Σ bytes(target), where bytes(v) is the number of UTF-8 bytes token v
 stands for (`byte_length_table`): ByteTokenizer → 1 for every byte token, 0 for pad/bos/eos (exact).
