@@ -12,8 +12,9 @@ Evaluation (bits per byte, exact for byte tokens):
   * `32K windows`: the same books cut into independent 32,768-token windows (the paper's Table 2 setting),
     the memory reset at each window start.
 Writes OUT/results.json, OUT/books_lm.md (the table, and bits per byte by offset within a segment: a
-segment's first bytes have no local context, only the memory or XL's cache) and OUT/segment_curves.png (loss by segment position in
-the document, all models in one figure) and OUT/gates.png (the infini models' gates).
+segment's first bytes have no local context, only the memory or XL's cache), OUT/segment_curves.png (loss by
+segment position in the document, all models in one figure) and OUT/gates_<model>.png (the infini models'
+gates).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def binned(curve: dict, n_bins: int = 24) -> dict:
 
 def offset_bins(curve: dict) -> list:
     """Bits per byte (byte tokens) at offsets 0, 1-3, 4-15 and 16-end within a segment (full attention: within
-    the window): token-weighted means of the offset curve."""
+    each segment-sized slice of its window): token-weighted means of the offset curve."""
     loss, tok = np.asarray(curve["loss"]), np.asarray(curve["tokens"], float)
     edges = [0, 1, 4, 16, len(loss)]
     return [float((loss[a:b] * tok[a:b]).sum() / tok[a:b].sum() / np.log(2)) for a, b in zip(edges, edges[1:])]

@@ -330,9 +330,8 @@ def _merge_rows(x, axis: int):
 
 def make_eval_step(graphdef, *, mesh, param_shardings, memory_shardings):
     """`(params, memory, batch, byte_table_V) -> (sums [b, s] and by offset [n], the batch's reset [b], memory)`
-    (segment_sums),
-    the sums replicated (every process reads the whole batch's), the memory donated: it streams from batch to
-    batch."""
+    (segment_sums), the sums replicated (every process reads the whole batch's), the memory donated: it streams
+    from batch to batch."""
     batch_sh, repl = shd.batch_sharding(mesh, 2), shd.replicated(mesh)
 
     def eval_step(params, memory, batch, byte_table_V):
