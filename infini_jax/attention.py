@@ -32,6 +32,10 @@ Decisions the paper leaves open (fixed here, tested in tests/test_attention.py):
     tokens buries one passkey's contribution to the read. The local softmax path keeps the default.
   * Optional write scale c per (row, segment): the segment is written as if it had been seen c times
     (linear: exactly; delta: c × the delta write). Used for memory-mass augmentation in training; 1 = the paper.
+    A real long haystack *interleaves* its repeats (segments 1..S, 1..S, ...), which for the delta rule leaves a
+    different memory than c × one write per segment (each write corrects what the others left); with
+    `mass_passes` P > 1 the leading run of scaled segments is written in P interleaved passes of c / P each
+    (`interleaved_passes`), which approaches the interleaved memory as P grows.
 """
 
 from __future__ import annotations
@@ -67,10 +71,13 @@ class SequenceOptions:
     mode: str = "scan"  # over segments: "scan" (sequential) or "parallel" (prefix sums; infini_attention_sequence)
     rope_base: Any = None  # RoPE on the local path: a base, or (base, *scaling) (rope.apply_rope); None: none
     remat: bool = True  # scan mode: jax.checkpoint on each segment (see infini_attention_sequence)
+    mass_passes: int = 1  # delta rule with a write scale: passes over the leading scaled run (interleaved_passes)
 
     def __post_init__(self):
         _check_rule(self.rule)
         _check_mode(self.mode)
+        if int(self.mass_passes) != self.mass_passes or self.mass_passes < 1:
+            raise ValueError(f"mass_passes must be an integer >= 1, got {self.mass_passes}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +336,8 @@ def infini_attention_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, opts: Sequen
     """
     n_seg = check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, opts)
     memory, scale_bs = sequence_start(memory, write_scale_bs, k_blhk, v_blhv, n_seg)
+    if scale_bs is not None and opts.rule == "delta" and opts.mass_passes > 1:
+        memory, scale_bs = interleaved_passes(memory, k_blhk, v_blhv, scale_bs, opts.mass_passes)
     run = _sequence_scan if opts.mode == "scan" else _sequence_parallel
     return run((q_blhk, k_blhk, v_blhv), gate_logit_h, memory, opts, scale_bs)
 
@@ -357,6 +366,37 @@ def sequence_start(memory: Optional[MemoryState], write_scale_bs, k_blgk, v_blgv
         if scale_bs.shape != (b, n_seg):
             raise ValueError(f"write_scale must have shape [batch, segments] = {(b, n_seg)}, got {scale_bs.shape}")
     return memory, scale_bs
+
+
+def interleaved_passes(memory: MemoryState, k_blgk, v_blgv, scale_bs, passes: int):
+    """Memory-mass augmentation for the delta rule, closer to a real haystack: (memory after the first
+    passes − 1 passes, the write scale of the last pass [B, S]).
+
+    In each row, the leading run of segments whose scale c ≠ 1 (the haystack before the key line; the run ends
+    at the first unscaled segment) is written passes − 1 times in order, each segment with scale c / passes,
+    memory only (no reads, no outputs); the returned scale gives those segments c / passes once more in the
+    sequence proper, where they are read as usual. Their total mass is still c, but the passes interleave, as
+    a haystack's repeats of its filler do, instead of writing each segment's c repeats at once. Later scaled
+    segments keep c × one write. For the linear rule every split of c gives the same memory (do not call it)."""
+    n_seg = scale_bs.shape[1]
+    lead_bs = jnp.cumprod((scale_bs != 1.0).astype(jnp.int32), axis=1).astype(bool)  # the leading scaled run
+    part_bs = jnp.where(lead_bs, scale_bs / passes, 0.0)  # 0: that segment's write is exactly nothing
+    # [B, S*N, G, D] -> [S, B, N, G, D]
+    k_sbngk, v_sbngv = (jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (k_blgk, v_blgv))
+
+    def one_pass(mem, _):
+        def write(m, seg):
+            k_bngk, v_bngv, part_b = seg
+            return update(m, k_bngk, v_bngv, "delta", part_b), None
+
+        return jax.lax.scan(write, mem, (k_sbngk, v_sbngv, part_bs.T))[0], None
+
+    def all_passes(mem):
+        return jax.lax.scan(one_pass, mem, None, length=passes - 1)[0]
+
+    # batches without a scaled leading run (before the augmentation starts) skip the passes altogether
+    memory = jax.lax.cond(jnp.any(lead_bs), all_passes, lambda mem: mem, memory)
+    return memory, jnp.where(lead_bs, part_bs, scale_bs)
 
 
 def _sequence_scan(qkv, gate_logit_h, memory: MemoryState, opts: SequenceOptions, scale_bs):

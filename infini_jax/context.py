@@ -120,6 +120,9 @@ def infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, opts: attn.S
         return attn.infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, opts, memory, write_scale_bs)
     n_seg = attn.check_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, opts)
     memory, scale_bs = attn.sequence_start(memory, write_scale_bs, k_blgk, v_blgv, n_seg)
+    if scale_bs is not None and opts.rule == "delta" and opts.mass_passes > 1:
+        raise ValueError("model.mass_passes > 1 (interleaved passes over a row's segments) cannot be split over "
+                         "the context mesh axis: set mesh.context=1 or model.mass_passes=1")
     b, l = q_blhk.shape[:2]
     check_context_split(l, opts.segment_len, size)
     c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs

@@ -67,6 +67,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
     remat: bool = True  # jax.checkpoint around each block
     remat_segments: bool = True  # jax.checkpoint around each segment of the infini scan (False: faster, more memory)
+    mass_passes: int = 1  # delta rule + mass augmentation: the haystack before the key in P interleaved passes
     scan_layers: bool = False  # stack the blocks' params [layers, ...] and jax.lax.scan over them
     init_std: float = 0.02  # std of the normal initialisation of every matrix
 
@@ -87,7 +88,8 @@ class ModelConfig:
     def infini_options(self) -> attn.SequenceOptions:
         """The static settings of the layers' Infini-attention (attention.infini_attention_sequence)."""
         return attn.SequenceOptions(segment_len=self.segment_len, rule=self.rule, mode=self.mode,
-                                    rope_base=self.rope, remat=self.remat_segments)
+                                    rope_base=self.rope, remat=self.remat_segments,
+                                    mass_passes=self.mass_passes)
 
     def __post_init__(self):
         checks = [
@@ -100,7 +102,7 @@ class ModelConfig:
             (self.param_dtype in DTYPES, f"unknown param_dtype {self.param_dtype!r}: use one of {DTYPES}"),
         ]
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "d_ff",
-                     "segment_len", "n_segments"):
+                     "segment_len", "n_segments", "mass_passes"):
             checks.append((int(getattr(self, name)) > 0, f"model.{name} must be positive, got {getattr(self, name)}"))
         checks.append((self.num_heads % self.kv_heads == 0,
                        f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.kv_heads}"))

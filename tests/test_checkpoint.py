@@ -196,6 +196,8 @@ def test_init_from_starts_a_fresh_run_from_saved_params(full_run, tmp_path):
 def test_check_model_matches_allows_only_compute_keys():
     saved = {"model": dict(MODEL, mode="scan", remat=False)}  # remat_segments absent: saved before the key
     ckpt_lib.check_model_matches(saved, dict(MODEL, mode="parallel", remat=True, remat_segments=True), "w")
+    # trained with interleaved mass passes, evaluated (no write scale) or resumed without them
+    ckpt_lib.check_model_matches({"model": dict(MODEL, mass_passes=4)}, dict(MODEL, mass_passes=1), "w")
     with pytest.raises(ValueError, match="'rule': \\('linear', 'delta'\\)"):
         ckpt_lib.check_model_matches({"model": dict(MODEL, rule="linear")}, dict(MODEL, rule="delta"), "w")
     ckpt_lib.check_model_matches(None, MODEL, "w")

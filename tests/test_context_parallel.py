@@ -89,6 +89,10 @@ def test_context_split_is_checked_before_tracing():
             C.infini_attention_sequence(q[:, :6 * N], k[:, :6 * N], v[:, :6 * N], beta, A.SequenceOptions(N, "delta"))
     with pytest.raises(ValueError, match="model.n_segments=6 is not divisible by the mesh context axis \\(4\\)"):
         shd.check_divisibility(shd.make_mesh(DATA2_CONTEXT4), num_heads=4, n_segments=6)
+    with jax.set_mesh(shd.make_mesh(DATA2_CONTEXT4)):  # interleaved passes need every segment on one device
+        with pytest.raises(ValueError, match="mass_passes > 1 .* set mesh.context=1 or model.mass_passes=1"):
+            C.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "delta", mass_passes=2),
+                                        write_scale_bs=jnp.ones((B, S)))
 
 
 # ------------------------------------------------------------------------- the model and the train step

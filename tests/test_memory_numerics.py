@@ -153,3 +153,76 @@ def test_write_scale_scan_equals_parallel_and_ones_equal_none(rule):
     assert not np.allclose(outs[0][0], plain[0])  # the scale changes what later segments read
     with pytest.raises(ValueError, match="write_scale must have shape"):
         A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, rule), write_scale_bs=jnp.ones((B, 2)))
+
+
+def _scaled_write_ref(m, z, k, v, c_b):
+    """float64: the delta write (eq. 9) of one segment, scaled per row by c_b (tests/reference_np.update_ref)."""
+    from reference_np import update_ref
+
+    m_new, z_new = update_ref(m, z, k, v, "delta")
+    c_b = np.asarray(c_b, np.float64)
+    return m + c_b[:, None, None, None] * (m_new - m), z + c_b[:, None, None] * (z_new - z)
+
+
+def test_delta_mass_passes_match_a_float64_reference():
+    """P passes: the leading scaled run (row 0: segments 0-1; row 1: none, its first segment is unscaled) written
+    P - 1 times with c / P, then the sequence with c / P on that run and c elsewhere."""
+    _, k, v = _qkv(3)
+    q = _qkv(4)[0]
+    beta = jnp.array([0.5, -0.5])
+    scale = np.array([[6.0, 6.0, 1.0], [1.0, 4.0, 4.0]])
+    P = 3
+    got = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "delta", mass_passes=P),
+                                      write_scale_bs=jnp.asarray(scale))
+    lead = np.cumprod(scale != 1.0, axis=1).astype(bool)
+    m, z = np.zeros((B, H, K, V)), np.zeros((B, H, K))
+    seg = lambda x, s: np.asarray(x)[:, s * N:(s + 1) * N]  # noqa: E731
+    for _ in range(P - 1):
+        for s in range(S):
+            m, z = _scaled_write_ref(m, z, seg(k, s), seg(v, s), np.where(lead[:, s], scale[:, s] / P, 0.0))
+    for s in range(S):
+        m, z = _scaled_write_ref(m, z, seg(k, s), seg(v, s), np.where(lead[:, s], scale[:, s] / P, scale[:, s]))
+    np.testing.assert_allclose(got[1].M, m, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[1].z, z, rtol=1e-5)
+    one = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "delta"), write_scale_bs=jnp.asarray(scale))
+    np.testing.assert_array_equal(got[0][1], one[0][1])  # row 1 has no leading run: nothing changes
+    assert not np.allclose(got[1].M[0], one[1].M[0], rtol=1e-3)
+    # a batch without any scaled leading run (before the augmentation starts) skips the passes: plain outputs
+    plain = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "delta"))
+    opts = A.SequenceOptions(N, "delta", mass_passes=P)
+    unscaled = jax.jit(lambda s: A.infini_attention_sequence(q, k, v, beta, opts, write_scale_bs=s))(jnp.ones((B, S)))
+    np.testing.assert_allclose(unscaled[0], plain[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", A.MODES)
+def test_delta_mass_passes_equal_an_interleaved_haystack_when_each_pass_writes_once(mode):
+    """A whole-row scaled run with c = P: the P passes are exactly P interleaved repeats of the row's segments,
+    the memory a haystack of the row written P times over leaves; one c-fold write per segment does not."""
+    q, k, v = _qkv(5)
+    beta = jnp.zeros((H,))
+    c = 4
+    scale = jnp.full((B, S), float(c))
+    passes = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "delta", mode, mass_passes=c),
+                                         write_scale_bs=scale)[1]
+    tile = lambda x: jnp.concatenate([x] * c, axis=1)  # noqa: E731
+    haystack = A.infini_attention_sequence(tile(q), tile(k), tile(v), beta, A.SequenceOptions(N, "delta", mode))[1]
+    np.testing.assert_allclose(passes.M, haystack.M, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(passes.z, haystack.z, rtol=1e-5)
+    single = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "delta", mode), write_scale_bs=scale)[1]
+    assert np.abs(np.asarray(single.M - haystack.M)).max() > 100 * np.abs(np.asarray(passes.M - haystack.M)).max()
+
+
+def test_mass_passes_leave_the_linear_rule_alone_and_are_checked():
+    q, k, v = _qkv(6)
+    beta = jnp.zeros((H,))
+    scale = jnp.array([[5.0, 5.0, 1.0], [2.0, 1.0, 3.0]])
+    runs = [A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "linear", mass_passes=p),
+                                        write_scale_bs=scale) for p in (1, 4)]
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])  # linear: every split of c is the same memory
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="mass_passes must be an integer >= 1"):
+            A.SequenceOptions(N, "delta", mass_passes=bad)
+    from infini_jax.model import ModelConfig
+
+    with pytest.raises(ValueError, match="model.mass_passes must be positive"):
+        ModelConfig(mass_passes=0)
