@@ -4,6 +4,8 @@ scored on real prompts of the same mass; and, on random keys, how far each way o
 memory an interleaved haystack leaves.
 
     python experiments/passkey_augmented.py --workdir runs/passkey_1m_delta6000/delta --rule delta --mass_passes 1
+    python experiments/passkey_augmented.py --workdir runs/passkey_books/linear --rule linear \
+        --haystack ../shared/corpus/pg19/test                       # a model trained on book prose
     python experiments/passkey_augmented.py --fidelity_only
 
 Table 1 (a trained model): digit accuracy (%) of prompts of --length tokens (the training rows' size; without
@@ -44,17 +46,24 @@ def augmented_accuracy(a) -> None:
         config.model.mass_passes = a.mass_passes
     model, info = ev.load_model(config, workdir=a.workdir)
     tok, n = load_tokenizer("byte"), model.cfg.segment_len
+    haystack = None
+    if a.haystack:
+        from infini_jax.data import Haystack
+
+        haystack = Haystack(tok, a.haystack)
     forward = jax.jit(lambda t, s: logits_from_hidden(model.hidden(t, None, None, s)[0], model.output_embedding(),
                                                       model.cfg.dtype))
     depths = [float(x) for x in a.depths.split(",")]
-    print(f"{a.workdir} (step {info['step']}), prompts of {a.length} tokens, {a.trials} passkeys per cell: "
+    print(f"{a.workdir} (step {info['step']}), prompts of {a.length} tokens"
+          f"{' of prose from ' + a.haystack if a.haystack else ''}, {a.trials} passkeys per cell: "
           f"digit accuracy (%) with the key-less segments written c times (mass_passes={model.cfg.mass_passes})")
     print("| c | memory mass (tokens) | " + " | ".join(f"{d:.0%}" for d in depths) + " |")
     print("|---:|---:|" + "---:|" * len(depths))
     for c in [int(x) for x in a.scales.split(",")]:
         cells = []
         for d in depths:
-            exs = [make_passkey_example(tok, a.length, d, seed=1000 + t, intro=False) for t in range(a.trials)]
+            exs = [make_passkey_example(tok, a.length, d, seed=1000 + t, intro=False, haystack=haystack)
+                   for t in range(a.trials)]
             width = -(-max(len(e.tokens) for e in exs) // n) * n
             tokens = np.full((len(exs), width), tok.pad_id, np.int32)
             scale = np.full((len(exs), width // n), float(c), np.float32)
@@ -106,6 +115,7 @@ def main():
     p.add_argument("--scales", default="1,16,256,3277,65536")
     p.add_argument("--depths", default="0,0.5,1")
     p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--haystack", default="", help="hide the key line in the prose of this folder's .txt books")
     p.add_argument("--mass_passes", type=int, default=None, help="model.mass_passes (default: the tiny config's)")
     p.add_argument("--fidelity_only", action="store_true")
     a = p.parse_args()

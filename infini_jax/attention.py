@@ -35,7 +35,9 @@ Decisions the paper leaves open (fixed here, tested in tests/test_attention.py):
     A real long haystack *interleaves* its repeats (segments 1..S, 1..S, ...), which for the delta rule leaves a
     different memory than c × one write per segment (each write corrects what the others left); with
     `mass_passes` P > 1 the leading run of scaled segments is written in P interleaved passes of c / P each
-    (`interleaved_passes`), which approaches the interleaved memory as P grows.
+    (`interleaved_passes`), which approaches the interleaved memory as P grows. A haystack of book prose does
+    not repeat at all: with `mass_source="batch"` (linear rule) a scaled segment writes c × the mean write of
+    every scaled segment in the batch (`batch_mass`), varied prose, instead of c copies of itself.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from infini_jax.rope import apply_rope
 
 RULES = ("linear", "delta")
 MODES = ("scan", "parallel")
+MASS_SOURCES = ("own", "batch")  # what a write-scaled segment writes: c copies of itself, or of the batch's mean
 
 
 class MemoryState(NamedTuple):
@@ -72,12 +75,18 @@ class SequenceOptions:
     rope_base: Any = None  # RoPE on the local path: a base, or (base, *scaling) (rope.apply_rope); None: none
     remat: bool = True  # scan mode: jax.checkpoint on each segment (see infini_attention_sequence)
     mass_passes: int = 1  # delta rule with a write scale: passes over the leading scaled run (interleaved_passes)
+    mass_source: str = "own"  # with a write scale: "own" (c copies of the segment) or "batch" (batch_mass)
 
     def __post_init__(self):
         _check_rule(self.rule)
         _check_mode(self.mode)
         if int(self.mass_passes) != self.mass_passes or self.mass_passes < 1:
             raise ValueError(f"mass_passes must be an integer >= 1, got {self.mass_passes}")
+        if self.mass_source not in MASS_SOURCES:
+            raise ValueError(f"unknown mass_source {self.mass_source!r}: use one of {MASS_SOURCES}")
+        if self.mass_source == "batch" and (self.rule, self.mode) != ("linear", "scan"):
+            raise ValueError(f"mass_source='batch' is built for the linear rule in scan mode, got rule={self.rule!r}, "
+                             f"mode={self.mode!r}: use mass_source='own' or rule='linear', mode='scan'")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,6 +347,9 @@ def infini_attention_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, opts: Sequen
     memory, scale_bs = sequence_start(memory, write_scale_bs, k_blhk, v_blhv, n_seg)
     if scale_bs is not None and opts.rule == "delta" and opts.mass_passes > 1:
         memory, scale_bs = interleaved_passes(memory, k_blhk, v_blhv, scale_bs, opts.mass_passes)
+    if scale_bs is not None and opts.mass_source == "batch":  # scan mode (SequenceOptions checks)
+        own_bs, mean_bs, mean_write = batch_mass(k_blhk, v_blhv, scale_bs)
+        return _sequence_scan((q_blhk, k_blhk, v_blhv), gate_logit_h, memory, opts, own_bs, mean_bs, mean_write)
     run = _sequence_scan if opts.mode == "scan" else _sequence_parallel
     return run((q_blhk, k_blhk, v_blhv), gate_logit_h, memory, opts, scale_bs)
 
@@ -399,19 +411,44 @@ def interleaved_passes(memory: MemoryState, k_blgk, v_blgv, scale_bs, passes: in
     return memory, jnp.where(lead_bs, part_bs, scale_bs)
 
 
-def _sequence_scan(qkv, gate_logit_h, memory: MemoryState, opts: SequenceOptions, scale_bs):
+def batch_mass(k_blgk, v_blgv, scale_bs):
+    """mass_source="batch" (linear rule): (own write scale [B, S], batch-mean write scale [B, S], the batch-mean
+    write (σ(K)ᵀV [G, K, V], Σσ(K) [G, K])). Every segment whose scale c ≠ 1 writes c × the mean of the writes of
+    all such segments in the batch (every row's, its own included) instead of c × its own: c *different*
+    segments' worth, as in a haystack of prose, not c copies of one. Segments with c = 1 (the key line's) write
+    themselves as usual. No segment with c ≠ 1 in the batch: nothing changes."""
+    n_seg = scale_bs.shape[1]
+    pooled_bs = scale_bs != 1.0
+    sk_bsngk = sigma(_to_segments(k_blgk, n_seg))
+    v_bsngv = _to_segments(v_blgv, n_seg).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(pooled_bs), 1).astype(jnp.float32)
+    w_bs = pooled_bs.astype(jnp.float32) / count
+    # [B,S,N,G,K] x [B,S,N,G,V] x [B,S] -> [G,K,V]
+    mean_gkv = jnp.einsum("bsngk,bsngv,bs->gkv", sk_bsngk, v_bsngv, w_bs, precision=MEMORY_PRECISION)
+    # [B,S,N,G,K] x [B,S] -> [G,K]
+    mean_gk = jnp.einsum("bsngk,bs->gk", sk_bsngk, w_bs, precision=MEMORY_PRECISION)
+    return jnp.where(pooled_bs, 0.0, scale_bs), jnp.where(pooled_bs, scale_bs, 0.0), (mean_gkv, mean_gk)
+
+
+def _sequence_scan(qkv, gate_logit_h, memory: MemoryState, opts: SequenceOptions, scale_bs, mean_scale_bs=None,
+                   mean_write=None):
+    """mean_scale_bs, mean_write: `batch_mass`'s; each segment then also writes mean_scale × mean_write."""
     b, l, h, _ = qkv[0].shape
     n_seg = l // opts.segment_len
     # [B, S, N, H, D] -> [S, B, N, H, D]: scan runs over the leading axis.
     xs = tuple(jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in qkv)
 
     def body(carry: MemoryState, seg):
-        q_bnhk, k_bnhk, v_bnhv, scale_b = seg
+        q_bnhk, k_bnhk, v_bnhv, scale_b, mean_b = seg
         out_bnhv, new = infini_attention(q_bnhk, k_bnhk, v_bnhv, carry, gate_logit_h, opts, write_scale_b=scale_b)
+        if mean_b is not None:
+            new = MemoryState(new.M + mean_b[:, None, None, None] * mean_write[0][None],
+                              new.z + mean_b[:, None, None] * mean_write[1][None])
         return new, out_bnhv
 
     scale_sb = None if scale_bs is None else scale_bs.T  # None: an empty pytree, so the body gets None
-    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if opts.remat else body, memory, xs + (scale_sb,))
+    mean_sb = None if mean_scale_bs is None else mean_scale_bs.T
+    final, out_sbnhv = jax.lax.scan(jax.checkpoint(body) if opts.remat else body, memory, xs + (scale_sb, mean_sb))
     return jnp.swapaxes(out_sbnhv, 0, 1).reshape(b, l, h, -1), final
 
 

@@ -165,13 +165,13 @@ def _allgather_json(obj) -> list:
 
 
 # model keys that may change between a checkpoint and its resumption: same parameters, same function
-# (mass_passes only changes how training writes its augmented rows; without a write scale it does nothing)
-RESUME_COMPATIBLE = ("remat", "remat_segments", "mode", "mass_passes")
+# (mass_passes, mass_source: how training writes its augmented rows; without a write scale they do nothing)
+RESUME_COMPATIBLE = ("remat", "remat_segments", "mode", "mass_passes", "mass_source")
 
 
 def check_model_matches(saved_config: Optional[Mapping[str, Any]], model_section: Mapping[str, Any], where) -> None:
     """A workdir holding a checkpoint of another model is an error (before anything compiles). Only the keys
-    in RESUME_COMPATIBLE (rematerialization, scan vs parallel memory mode, training's mass_passes) may
+    in RESUME_COMPATIBLE (rematerialization, scan vs parallel memory mode, training's mass_*) may
     differ. A key that the checkpoint predates (absent from its config) matches when its value now is
     ModelConfig's default, the behaviour the key was added with."""
     if not saved_config:

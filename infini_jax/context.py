@@ -123,6 +123,9 @@ def infini_attention_sequence(q_blhk, k_blgk, v_blgv, gate_logit_h, opts: attn.S
     if scale_bs is not None and opts.rule == "delta" and opts.mass_passes > 1:
         raise ValueError("model.mass_passes > 1 (interleaved passes over a row's segments) cannot be split over "
                          "the context mesh axis: set mesh.context=1 or model.mass_passes=1")
+    if scale_bs is not None and opts.mass_source == "batch":
+        raise ValueError("model.mass_source='batch' (a mean over every segment of the batch) cannot be split over "
+                         "the context mesh axis: set mesh.context=1 or model.mass_source='own'")
     b, l = q_blhk.shape[:2]
     check_context_split(l, opts.segment_len, size)
     c_bs = jnp.ones((b, n_seg), jnp.float32) if scale_bs is None else scale_bs

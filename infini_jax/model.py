@@ -68,6 +68,7 @@ class ModelConfig:
     remat: bool = True  # jax.checkpoint around each block
     remat_segments: bool = True  # jax.checkpoint around each segment of the infini scan (False: faster, more memory)
     mass_passes: int = 1  # delta rule + mass augmentation: the haystack before the key in P interleaved passes
+    mass_source: str = "own"  # mass augmentation's scaled writes: 'own' (c copies) or 'batch' (c x the batch's mean)
     scan_layers: bool = False  # stack the blocks' params [layers, ...] and jax.lax.scan over them
     init_std: float = 0.02  # std of the normal initialisation of every matrix
 
@@ -89,13 +90,17 @@ class ModelConfig:
         """The static settings of the layers' Infini-attention (attention.infini_attention_sequence)."""
         return attn.SequenceOptions(segment_len=self.segment_len, rule=self.rule, mode=self.mode,
                                     rope_base=self.rope, remat=self.remat_segments,
-                                    mass_passes=self.mass_passes)
+                                    mass_passes=self.mass_passes, mass_source=self.mass_source)
 
     def __post_init__(self):
         checks = [
             (self.attention in ATTENTIONS, f"unknown attention {self.attention!r}: use one of {ATTENTIONS}"),
             (self.rule in attn.RULES, f"unknown memory update rule {self.rule!r}: use one of {attn.RULES}"),
             (self.mode in attn.MODES, f"unknown mode {self.mode!r}: use one of {attn.MODES}"),
+            (self.mass_source in attn.MASS_SOURCES,
+             f"unknown model.mass_source {self.mass_source!r}: use one of {attn.MASS_SOURCES}"),
+            (self.mass_source == "own" or (self.rule, self.mode) == ("linear", "scan"),
+             f"model.mass_source='batch' needs rule='linear' and mode='scan', got {self.rule!r}, {self.mode!r}"),
             (self.mlp in MLPS, f"unknown mlp {self.mlp!r}: use one of {MLPS}"),
             (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}: use one of {ACTIVATIONS}"),
             (self.dtype in DTYPES, f"unknown dtype {self.dtype!r}: use one of {DTYPES}"),

@@ -93,6 +93,9 @@ def test_context_split_is_checked_before_tracing():
         with pytest.raises(ValueError, match="mass_passes > 1 .* set mesh.context=1 or model.mass_passes=1"):
             C.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "delta", mass_passes=2),
                                         write_scale_bs=jnp.ones((B, S)))
+        with pytest.raises(ValueError, match="mass_source='batch' .* set mesh.context=1 or model.mass_source='own'"):
+            C.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "linear", mass_source="batch"),
+                                        write_scale_bs=jnp.ones((B, S)))
 
 
 # ------------------------------------------------------------------------- the model and the train step

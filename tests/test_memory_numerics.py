@@ -226,3 +226,43 @@ def test_mass_passes_leave_the_linear_rule_alone_and_are_checked():
 
     with pytest.raises(ValueError, match="model.mass_passes must be positive"):
         ModelConfig(mass_passes=0)
+
+
+def test_batch_mass_source_writes_c_times_the_batch_mean_of_scaled_segments():
+    """mass_source='batch': a segment with c ≠ 1 writes c × the mean write of every such segment of the batch
+    (other rows' too), a segment with c = 1 itself; the outputs read that memory; no scaled segment: unchanged."""
+    from reference_np import sigma as sigma_ref
+
+    q, k, v = _qkv(7)
+    beta = jnp.array([0.3, -0.3])
+    scale = np.array([[5.0, 5.0, 1.0], [1.0, 3.0, 1.0]])
+    opts = A.SequenceOptions(N, "linear", mass_source="batch")
+    out, final = A.infini_attention_sequence(q, k, v, beta, opts, write_scale_bs=jnp.asarray(scale))
+    seg = lambda x, b, s: np.asarray(x, np.float64)[b, s * N:(s + 1) * N]  # noqa: E731  [N, H, D]
+    write = lambda b, s: np.einsum("nhk,nhv->hkv", sigma_ref(seg(k, b, s)), seg(v, b, s))  # noqa: E731
+    mass = lambda b, s: sigma_ref(seg(k, b, s)).sum(0)  # noqa: E731
+    pooled = [(b, s) for b in range(B) for s in range(S) if scale[b, s] != 1]
+    mean_m, mean_z = (np.mean([f(b, s) for b, s in pooled], axis=0) for f in (write, mass))
+    for b in range(B):
+        m = sum(scale[b, s] * mean_m if scale[b, s] != 1 else write(b, s) for s in range(S))
+        z = sum(scale[b, s] * mean_z if scale[b, s] != 1 else mass(b, s) for s in range(S))
+        np.testing.assert_allclose(final.M[b], m, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(final.z[b], z, rtol=1e-5)
+    own = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "linear"), write_scale_bs=jnp.asarray(scale))
+    np.testing.assert_array_equal(out[:, :N], own[0][:, :N])  # the first segment reads an empty memory either way
+    assert not np.allclose(out[:, N:], own[0][:, N:], rtol=1e-3)  # later ones read the batch's mass
+    ones = A.infini_attention_sequence(q, k, v, beta, opts, write_scale_bs=jnp.ones((B, S)))
+    plain = A.infini_attention_sequence(q, k, v, beta, A.SequenceOptions(N, "linear"))
+    np.testing.assert_allclose(ones[0], plain[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule, mode", [("delta", "scan"), ("linear", "parallel")])
+def test_batch_mass_source_is_refused_outside_linear_scan(rule, mode):
+    with pytest.raises(ValueError, match="mass_source='batch' is built for the linear rule in scan mode"):
+        A.SequenceOptions(N, rule, mode, mass_source="batch")
+    from infini_jax.model import ModelConfig
+
+    with pytest.raises(ValueError, match="model.mass_source='batch' needs rule='linear' and mode='scan'"):
+        ModelConfig(rule=rule, mode=mode, mass_source="batch")
+    with pytest.raises(ValueError, match="unknown mass_source 'rows'"):
+        A.SequenceOptions(N, "linear", mass_source="rows")
