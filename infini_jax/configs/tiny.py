@@ -18,8 +18,9 @@ The recipe (chosen with measured runs; the README's Evidence section lists them 
   * rule=delta only: the haystack before the key line written in 4 interleaved passes of c / 4
     (model.mass_passes; attention.interleaved_passes). One c-fold delta write per segment leaves a different
     memory than a real haystack, whose filler repeats interleave: with it a delta model that scored 100% on
-    augmented rows of any c held 78-100% on real 2^20-token prompts; with the passes, 100% at every depth
-    (experiments/passkey_augmented.py, README Evidence a). The linear rule needs none (every split of c is exact);
+    augmented rows of any c held 78-100% on real 2^20-token prompts; with the passes, 100% at every depth, two
+    seeds, both with --steps 6000 (experiments/passkey_1m.py and passkey_augmented.py, README Evidence a).
+    The linear rule needs none (every split of c is exact);
   * at the end, config.evals prints the passkey digit accuracy at 1x, 16x and 64x the training length, with
     the memory and with it knocked out.
 """
