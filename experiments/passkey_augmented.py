@@ -17,7 +17,7 @@ here but not on real prompts of that length has learnt the augmentation, not the
 Table 2 (no model; the math of attention.py): random keys/values, S segments written c times three ways, then
 compared by what random queries read (relative L2 difference) against the interleaved haystack (the S segments
 repeated c times in order, the way a haystack repeats its filler): one write of scale c per segment (today's
-augmentation), and model.mass_passes = P interleaved passes of c / P (attention.interleaved_passes).
+augmentation), and model.mass_passes = P interleaved passes of c / P (mass.interleaved_passes).
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ Decisions the paper leaves open (fixed here, tested in tests/test_attention.py):
     A real long haystack *interleaves* its repeats (segments 1..S, 1..S, ...), which for the delta rule leaves a
     different memory than c × one write per segment (each write corrects what the others left); with
     `mass_passes` P > 1 the leading run of scaled segments is written in P interleaved passes of c / P each
-    (`interleaved_passes`), which approaches the interleaved memory as P grows. A haystack of book prose does
+    (mass.interleaved_passes), which approaches the interleaved memory as P grows. A haystack of book prose does
     not repeat at all: with `mass_source="batch"` (linear rule) a scaled segment writes c × the mean write of
-    every scaled segment in the batch (`batch_mass`), varied prose, instead of c copies of itself.
+    every scaled segment in the batch (mass.batch_mass), varied prose, instead of c copies of itself.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class SequenceOptions:
     mode: str = "scan"  # over segments: "scan" (sequential) or "parallel" (prefix sums; infini_attention_sequence)
     rope_base: Any = None  # RoPE on the local path: a base, or (base, *scaling) (rope.apply_rope); None: none
     remat: bool = True  # scan mode: jax.checkpoint on each segment (see infini_attention_sequence)
-    mass_passes: int = 1  # delta rule with a write scale: passes over the leading scaled run (interleaved_passes)
-    mass_source: str = "own"  # with a write scale: "own" (c copies of the segment) or "batch" (batch_mass)
+    mass_passes: int = 1  # delta rule with a write scale: passes over the leading scaled run (mass.py)
+    mass_source: str = "own"  # with a write scale: "own" (c copies of the segment) or "batch" (mass.py)
 
     def __post_init__(self):
         _check_rule(self.rule)
@@ -346,8 +346,12 @@ def infini_attention_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, opts: Sequen
     n_seg = check_sequence(q_blhk, k_blhk, v_blhv, gate_logit_h, opts)
     memory, scale_bs = sequence_start(memory, write_scale_bs, k_blhk, v_blhv, n_seg)
     if scale_bs is not None and opts.rule == "delta" and opts.mass_passes > 1:
+        from infini_jax.mass import interleaved_passes  # built on this module's update: imported when used
+
         memory, scale_bs = interleaved_passes(memory, k_blhk, v_blhv, scale_bs, opts.mass_passes)
     if scale_bs is not None and opts.mass_source == "batch":  # scan mode (SequenceOptions checks)
+        from infini_jax.mass import batch_mass
+
         own_bs, mean_bs, mean_write = batch_mass(k_blhk, v_blhv, scale_bs)
         return _sequence_scan((q_blhk, k_blhk, v_blhv), gate_logit_h, memory, opts, own_bs, mean_bs, mean_write)
     run = _sequence_scan if opts.mode == "scan" else _sequence_parallel
@@ -380,59 +384,9 @@ def sequence_start(memory: Optional[MemoryState], write_scale_bs, k_blgk, v_blgv
     return memory, scale_bs
 
 
-def interleaved_passes(memory: MemoryState, k_blgk, v_blgv, scale_bs, passes: int):
-    """Memory-mass augmentation for the delta rule, closer to a real haystack: (memory after the first
-    passes − 1 passes, the write scale of the last pass [B, S]).
-
-    In each row, the leading run of segments whose scale c ≠ 1 (the haystack before the key line; the run ends
-    at the first unscaled segment) is written passes − 1 times in order, each segment with scale c / passes,
-    memory only (no reads, no outputs); the returned scale gives those segments c / passes once more in the
-    sequence proper, where they are read as usual. Their total mass is still c, but the passes interleave, as
-    a haystack's repeats of its filler do, instead of writing each segment's c repeats at once. Later scaled
-    segments keep c × one write. For the linear rule every split of c gives the same memory (do not call it)."""
-    n_seg = scale_bs.shape[1]
-    lead_bs = jnp.cumprod((scale_bs != 1.0).astype(jnp.int32), axis=1).astype(bool)  # the leading scaled run
-    part_bs = jnp.where(lead_bs, scale_bs / passes, 0.0)  # 0: that segment's write is exactly nothing
-    # [B, S*N, G, D] -> [S, B, N, G, D]
-    k_sbngk, v_sbngv = (jnp.swapaxes(_to_segments(x, n_seg), 0, 1) for x in (k_blgk, v_blgv))
-
-    def one_pass(mem, _):
-        def write(m, seg):
-            k_bngk, v_bngv, part_b = seg
-            return update(m, k_bngk, v_bngv, "delta", part_b), None
-
-        return jax.lax.scan(write, mem, (k_sbngk, v_sbngv, part_bs.T))[0], None
-
-    def all_passes(mem):
-        return jax.lax.scan(one_pass, mem, None, length=passes - 1)[0]
-
-    # batches without a scaled leading run (before the augmentation starts) skip the passes altogether
-    memory = jax.lax.cond(jnp.any(lead_bs), all_passes, lambda mem: mem, memory)
-    return memory, jnp.where(lead_bs, part_bs, scale_bs)
-
-
-def batch_mass(k_blgk, v_blgv, scale_bs):
-    """mass_source="batch" (linear rule): (own write scale [B, S], batch-mean write scale [B, S], the batch-mean
-    write (σ(K)ᵀV [G, K, V], Σσ(K) [G, K])). Every segment whose scale c ≠ 1 writes c × the mean of the writes of
-    all such segments in the batch (every row's, its own included) instead of c × its own: c *different*
-    segments' worth, as in a haystack of prose, not c copies of one. Segments with c = 1 (the key line's) write
-    themselves as usual. No segment with c ≠ 1 in the batch: nothing changes."""
-    n_seg = scale_bs.shape[1]
-    pooled_bs = scale_bs != 1.0
-    sk_bsngk = sigma(_to_segments(k_blgk, n_seg))
-    v_bsngv = _to_segments(v_blgv, n_seg).astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(pooled_bs), 1).astype(jnp.float32)
-    w_bs = pooled_bs.astype(jnp.float32) / count
-    # [B,S,N,G,K] x [B,S,N,G,V] x [B,S] -> [G,K,V]
-    mean_gkv = jnp.einsum("bsngk,bsngv,bs->gkv", sk_bsngk, v_bsngv, w_bs, precision=MEMORY_PRECISION)
-    # [B,S,N,G,K] x [B,S] -> [G,K]
-    mean_gk = jnp.einsum("bsngk,bs->gk", sk_bsngk, w_bs, precision=MEMORY_PRECISION)
-    return jnp.where(pooled_bs, 0.0, scale_bs), jnp.where(pooled_bs, scale_bs, 0.0), (mean_gkv, mean_gk)
-
-
 def _sequence_scan(qkv, gate_logit_h, memory: MemoryState, opts: SequenceOptions, scale_bs, mean_scale_bs=None,
                    mean_write=None):
-    """mean_scale_bs, mean_write: `batch_mass`'s; each segment then also writes mean_scale × mean_write."""
+    """mean_scale_bs, mean_write: mass.batch_mass's; each segment then also writes mean_scale × mean_write."""
     b, l, h, _ = qkv[0].shape
     n_seg = l // opts.segment_len
     # [B, S, N, H, D] -> [S, B, N, H, D]: scan runs over the leading axis.

@@ -16,7 +16,7 @@ The recipe (chosen with measured runs; the README's Evidence section lists them 
     line count c ~ log-uniform[1, 65536] times, i.e. haystacks up to ~19M tokens at no extra compute (with c <=
     128 from step 2,400, retrieval fell to chance beyond ~41K tokens; experiments/passkey_1m.py);
   * rule=delta only: the haystack before the key line written in 4 interleaved passes of c / 4
-    (model.mass_passes; attention.interleaved_passes). One c-fold delta write per segment leaves a different
+    (model.mass_passes; mass.interleaved_passes). One c-fold delta write per segment leaves a different
     memory than a real haystack, whose filler repeats interleave: with it a delta model that scored 100% on
     augmented rows of any c held 78-100% on real 2^20-token prompts; with the passes, 100% at every depth, two
     seeds, both with --steps 6000 (experiments/passkey_1m.py and passkey_augmented.py, README Evidence a).
