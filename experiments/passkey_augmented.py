@@ -86,11 +86,11 @@ def fidelity() -> None:
     b, s, n, h, d = 4, 8, 32, 4, 16
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v = (jax.random.normal(x, (b, s * n, h, d)) for x in ks[:3])
-    queries = A.sigma(jax.random.normal(ks[3], (b, 256, h, d)))
+    queries = jax.random.normal(ks[3], (b, 256, h, d))
     beta = jnp.zeros((h,))
 
     def read(memory):
-        return A._read(memory.M, memory.z, queries)
+        return A.retrieve(memory, queries)  # eq. 7
 
     print(f"\nrandom keys: {s} segments of {n} tokens, {h} heads x {d}; relative difference of what 256 random queries "
           "read, against the interleaved haystack")
