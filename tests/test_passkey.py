@@ -147,6 +147,47 @@ def test_book_haystack_hides_the_key_line_in_prose(tmp_path):
         Haystack(TOK, tmp_path / "a" / "nothing")
 
 
+def test_distractors_hide_one_number_in_the_prose_away_from_the_key_line(tmp_path):
+    """data.passkey_distractors: a random number before a word of the prose (never touching the key line, the
+    intro or the question), rows still within seq_len + 1, the key line's segments still spared by the mass
+    augmentation and its loss positions moved with it; training only, and refused without prose."""
+    import re
+
+    from infini_jax.configs.tiny import get_config
+    from infini_jax.data import make_iterator
+
+    (tmp_path / "book.txt").write_text(" ".join(f"Anna went to the market on a {w} day." for w in
+                                                ["cold", "warm", "grey", "long"] * 300))
+    kw = dict(seq_len=320, batch_size=64, seed=0, min_len=104, intro=0.5, segment_len=32,
+              haystack=Haystack(TOK, tmp_path), mass_prob=1.0, loss_on_key=True)
+    batch, plain = next(PasskeyIterator(TOK, distractors=1.0, **kw)), next(PasskeyIterator(TOK, **kw))
+    counts = []
+    for b in range(64):
+        text = TOK.decode(batch["tokens"][b][batch["tokens"][b] != TOK.pad_id])
+        key = re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", text)
+        assert key and text.endswith(QUESTION + " " + key.group(1))
+        others = re.findall(r"\d+", text.replace(key.group(0), "KEY").removesuffix(key.group(1)))
+        counts.append(len(others))
+        assert all(1 <= len(n) <= 6 for n in others)
+        assert all(re.search(rf"(^|\S) {n}\s\S", text) for n in others)  # a word of its own
+        assert re.search(r"\d KEY|KEY \d", text.replace(key.group(0), "KEY")) is None  # a word away from the key
+        start = text.index(key.group(0)) + 1  # + [bos], which decodes to nothing
+        first, last = start // 32, (start + len(key.group(0)) - 1) // 32
+        assert (batch["write_scale"][b, first:last + 1] == 1).all()
+        scored = TOK.decode(batch["targets"][b][batch["loss_mask"][b] > 0])
+        assert scored == f" {key.group(1)} {key.group(1)}"  # the key's second copy and the answer, moved along
+    assert set(counts) <= {0, 1} and sum(counts) >= 32  # one number in every row with prose words (the rest: none)
+    assert all(len(re.findall(r"\d+", TOK.decode(r))) == 3 for r in plain["tokens"])  # key ×2 and the answer
+    assert next(PasskeyIterator(TOK, distractors=1.0, distractors_after=1, **kw))["tokens"].tolist() == \
+        plain["tokens"].tolist()  # batch 0: not yet
+    with pytest.raises(ValueError, match="passkey_distractors"):
+        PasskeyIterator(TOK, distractors=0.5, **{**kw, "haystack": None})
+    config = get_config()
+    config.data.update(passkey_haystack=str(tmp_path), passkey_distractors=1.0, passkey_shift=0.0)
+    evaluation = next(make_iterator(config.data, seq_len=320, batch_size=8, split="validation", train=False))
+    assert all(len(re.findall(r"\d+", TOK.decode(r))) == 3 for r in evaluation["tokens"])  # key ×2, answer
+
+
 def test_passkey_sweep_on_a_haystack(shared_dir):
     model = InfiniTransformer(CFG, rngs=nnx.Rngs(0))
     hay = Haystack(TOK, shared_dir / "corpus" / "pg19" / "test")

@@ -104,7 +104,9 @@ def _source_iterator(d: dict, tokenizer, split: str, windows: Windows, segment_l
             mass_prob=float(d["passkey_mass_prob"]) if train else 0.0, mass_max=float(d["passkey_mass_max"]),
             mass_after=int(d["passkey_mass_after"]), loss_on_key=bool(d["passkey_loss_on_key"]) and train,
             shift=float(d["passkey_shift"]) if train else 0.0,
-            shift_after=int(d["passkey_shift_after"]))
+            shift_after=int(d["passkey_shift_after"]),
+            distractors=float(d["passkey_distractors"]) if train else 0.0,
+            distractors_after=int(d["passkey_distractors_after"]))
 
     data_dir = d["data_dir"]
     if name == "text":

@@ -29,6 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
+from infini_jax.data.haystack import Haystack, insert_number, word_starts
+
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
@@ -56,55 +58,6 @@ def passkey_text(n_filler: int, depth: float, passkey: str) -> tuple[str, str]:
     k = insert_index(n_filler, depth)
     units = [INTRO] + [FILLER] * k + [KEY_TEMPLATE.format(key=passkey)] + [FILLER] * (n_filler - k) + [QUESTION]
     return " ".join(units), " " + passkey
-
-
-class Haystack:
-    """Real prose to hide the passkey in: the .txt files in `directory` and its subfolders (sorted; `directory`
-    may be gs://), tokenized once
-    and joined by blank lines. `span(n, rng)` returns n tokens starting at a random word start (wrapping around
-    at the end), and `word_start(ids, i)` moves an index forward to the next word start."""
-
-    def __init__(self, tokenizer, directory):
-        from etils import epath
-
-        root = epath.Path(directory)
-        files = sorted([*root.glob("*.txt"), *root.glob("*/*.txt")]) if root.is_dir() else []
-        if not files:
-            raise ValueError(f"passkey haystack {directory!r} holds no .txt files: point it at a folder of books")
-        text = "\n\n".join(f.read_text() for f in files)
-        self.ids_T = np.asarray(tokenizer.encode_np(text) if hasattr(tokenizer, "encode_np")
-                                else tokenizer.encode(text), np.int32)
-        self.starts_T = _word_starts(tokenizer, self.ids_T)
-        self.candidates_W = np.flatnonzero(self.starts_T)  # the W word starts, found once (per span: 164 ms a batch)
-        self.lead = 0 if getattr(tokenizer, "space_prefix", False) else 1  # bytes: keep the whitespace before
-        self.directory, self.n_files = str(directory), len(files)
-
-    def span(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        if n <= 0:
-            return np.zeros(0, np.int32)
-        start = int(self.candidates_W[rng.integers(len(self.candidates_W))]) - self.lead
-        idx_N = (start + np.arange(n)) % len(self.ids_T)
-        return self.ids_T[idx_N]
-
-    def insert_at(self, prose_N: np.ndarray, depth: float, tokenizer) -> int:
-        """The first word start at or after round(depth × len), else the last one before it."""
-        k = insert_index(len(prose_N), depth)
-        starts = np.flatnonzero(_word_starts(tokenizer, prose_N))
-        after = starts[starts >= k]
-        return int(after[0]) if len(after) else int(starts[-1]) if len(starts) else len(prose_N)
-
-
-def _word_starts(tokenizer, ids_T: np.ndarray) -> np.ndarray:
-    """bool [T]: token i begins a word (bytes: the previous byte is whitespace; SentencePiece: a '▁' piece)."""
-    offset = getattr(tokenizer, "offset", None)
-    if offset is not None:
-        prev_T = np.concatenate([[offset + ord(" ")], ids_T[:-1]]) - offset
-        return np.isin(prev_T, [ord(" "), ord("\n"), ord("\t")]) & ~np.isin(ids_T - offset, [ord(" "), ord("\n")])
-    sp = getattr(tokenizer, "_sp", None)
-    if sp is not None:
-        marks_V = np.array([sp.IdToPiece(i).startswith("\u2581") for i in range(sp.GetPieceSize())])
-        return marks_V[ids_T]
-    return np.ones(len(ids_T), bool)
 
 
 def _last_occurrence(ids_T: np.ndarray, sub_A: np.ndarray) -> int:
@@ -185,7 +138,8 @@ class PasskeyStream:
         else:
             lay.n_filler_for(length)  # the same "too short" error
             self._prose = haystack.span(length - lay.fixed_len, rng)
-            self.n_filler, self.n_before = 0, haystack.insert_at(self._prose, depth, tokenizer)
+            self.n_filler, self.n_before = 0, haystack.insert_at(
+                self._prose, insert_index(len(self._prose), depth), tokenizer)
             self.key_start = len(lay.bos_N) + len(lay.intro_N) + self.n_before
             body_len = len(self._prose)
         self.key_len = len(lay.key_N)
@@ -288,7 +242,7 @@ class PasskeyIterator:
                  loss_on_all: bool = False, num_batches: int | None = None, intro: bool = True,
                  haystack: Haystack | None = None, segment_len: int | None = None, mass_prob: float = 0.0,
                  mass_max: float = 128.0, mass_after: int = 0, loss_on_key: bool = False, shift: float = 0.0,
-                 shift_after: int = 0):
+                 shift_after: int = 0, distractors: float = 0.0, distractors_after: int = 0):
         self.tok = tokenizer
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.seed, self.process_index = int(seed), int(process_index)
@@ -305,10 +259,19 @@ class PasskeyIterator:
         if self.shift and haystack is not None:  # the tail is the paper's filler, which prose examples do not have
             raise ValueError("passkey_shift inserts the paper's filler, but passkey_haystack hides the key line in "
                              "prose (already at any offset): set passkey_shift=0 with a haystack")
+        self.distractors, self.distractors_after = float(distractors), int(distractors_after)
+        if not 0.0 <= self.distractors <= 1.0:
+            raise ValueError(f"passkey_distractors must be a probability in [0, 1], got {distractors}")
+        if self.distractors and haystack is None:
+            raise ValueError("passkey_distractors hides random numbers in book prose, but there is none (the paper's "
+                             "filler holds no numbers): set passkey_haystack=DIR or passkey_distractors=0")
+        if self.distractors:  # where a row's prose starts (after [bos] and the intro) and how long the question is
+            self._head = {i: 1 + (len(_unit_ids(tokenizer, INTRO, True)) if i else 0) for i in (False, True)}
+            self._question_len = len(_unit_ids(tokenizer, QUESTION, False))
         if self.shift:  # the filler's tails at word starts, each with the whitespace before it (none first)
             filler_N = _unit_ids(tokenizer, FILLER, False)
             lead = 0 if getattr(tokenizer, "space_prefix", False) else 1
-            starts = [int(i) - lead for i in np.flatnonzero(_word_starts(tokenizer, filler_N))]
+            starts = [int(i) - lead for i in np.flatnonzero(word_starts(tokenizer, filler_N))]
             self._tails = [filler_N[i:] for i in starts if i >= 0] + [filler_N[:0]]  # as every unit after the first
             self._intro_len = len(_unit_ids(tokenizer, INTRO, True))
         self.step = 0
@@ -342,9 +305,14 @@ class PasskeyIterator:
             length = int(rng.integers(self.min_len, self.max_len + 1))
             depth = float(rng.uniform(self.depth_min, self.depth_max))
             intro = bool(rng.random() < self.intro) if 0.0 < self.intro < 1.0 else self.intro == 1.0
-            ex = make_passkey_example(self.tok, max(length, self._shortest[intro]), depth, intro=intro,
+            number_N = (self._distractor(rng) if self.distractors and self.step >= self.distractors_after
+                        and rng.random() < self.distractors else None)
+            room = 0 if number_N is None else len(number_N)
+            ex = make_passkey_example(self.tok, max(length - room, self._shortest[intro]), depth, intro=intro,
                                       passkey=random_passkey(rng, self.n_digits), haystack=self.haystack,
                                       seed=int(rng.integers(2**31)))
+            if number_N is not None:
+                ex = self._distracted(ex, number_N, rng, intro)
             if self.shift and self.step >= self.shift_after and rng.random() < self.shift:
                 ex = self._shifted(ex, rng, intro)
             n = len(ex.tokens)
@@ -369,6 +337,24 @@ class PasskeyIterator:
         if self.mass_prob > 0:
             batch["write_scale"] = scale_BS
         return batch
+
+    def _distractor(self, rng: np.random.Generator) -> np.ndarray:
+        """A random number of 1 to n_digits + 1 digits, with the whitespace in front of it."""
+        return _unit_ids(self.tok, random_passkey(rng, int(rng.integers(1, self.n_digits + 2))), False)
+
+    def _distracted(self, ex: PasskeyExample, number_N: np.ndarray, rng: np.random.Generator,
+                    intro: bool) -> PasskeyExample:
+        """ex with number_N before a random word of its prose, at least one word away from the key line."""
+        i_T = np.arange(len(ex.tokens))
+        key_end, question = ex.key_start + ex.key_len, ex.prompt_len - self._question_len
+        allowed_T = word_starts(self.tok, ex.tokens) & (
+            ((i_T > self._head[intro]) & (i_T < ex.key_start)) | ((i_T > key_end) & (i_T < question)))
+        tokens_T, at = insert_number(ex.tokens, allowed_T, number_N, self.haystack.lead, rng)
+        if at < 0:
+            return ex
+        n = len(number_N)
+        return dataclasses.replace(ex, tokens=tokens_T, prompt_len=ex.prompt_len + n,
+                                   key_start=ex.key_start + (n if at < ex.key_start else 0))
 
     def _shifted(self, ex: PasskeyExample, rng: np.random.Generator, intro: bool) -> PasskeyExample:
         """ex with a random filler tail that still fits the row inserted after the intro (before the first
