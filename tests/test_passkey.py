@@ -147,8 +147,8 @@ def test_book_haystack_hides_the_key_line_in_prose(tmp_path):
         Haystack(TOK, tmp_path / "a" / "nothing")
 
 
-def test_distractors_hide_one_number_in_the_prose_away_from_the_key_line(tmp_path):
-    """data.passkey_distractors: a random number before a word of the prose (never touching the key line, the
+def test_distractors_hide_numbers_in_the_prose_away_from_the_key_line(tmp_path):
+    """data.passkey_distractors: random numbers before words of the prose (never touching the key line, the
     intro or the question), rows still within seq_len + 1, the key line's segments still spared by the mass
     augmentation and its loss positions moved with it; training only, and refused without prose."""
     import re
@@ -160,7 +160,7 @@ def test_distractors_hide_one_number_in_the_prose_away_from_the_key_line(tmp_pat
                                                 ["cold", "warm", "grey", "long"] * 300))
     kw = dict(seq_len=320, batch_size=64, seed=0, min_len=104, intro=0.5, segment_len=32,
               haystack=Haystack(TOK, tmp_path), mass_prob=1.0, loss_on_key=True)
-    batch, plain = next(PasskeyIterator(TOK, distractors=1.0, **kw)), next(PasskeyIterator(TOK, **kw))
+    batch, plain = next(PasskeyIterator(TOK, distractors=2.0, **kw)), next(PasskeyIterator(TOK, **kw))
     counts = []
     for b in range(64):
         text = TOK.decode(batch["tokens"][b][batch["tokens"][b] != TOK.pad_id])
@@ -176,7 +176,8 @@ def test_distractors_hide_one_number_in_the_prose_away_from_the_key_line(tmp_pat
         assert (batch["write_scale"][b, first:last + 1] == 1).all()
         scored = TOK.decode(batch["targets"][b][batch["loss_mask"][b] > 0])
         assert scored == f" {key.group(1)} {key.group(1)}"  # the key's second copy and the answer, moved along
-    assert set(counts) <= {0, 1} and sum(counts) >= 32  # one number in every row with prose words (the rest: none)
+    counts = np.array(counts)  # a Poisson count of 2 on average in the rows with prose (a third have none)
+    assert counts.max() >= 4 and 1.5 <= counts[counts > 0].mean() <= 3.5 and (counts > 0).sum() >= 24
     assert all(len(re.findall(r"\d+", TOK.decode(r))) == 3 for r in plain["tokens"])  # key ×2 and the answer
     assert next(PasskeyIterator(TOK, distractors=1.0, distractors_after=1, **kw))["tokens"].tolist() == \
         plain["tokens"].tolist()  # batch 0: not yet

@@ -235,6 +235,10 @@ class PasskeyIterator:
     [1, mass_max] per row, emitted as batch["write_scale"] [B, seq_len / segment_len] (the model multiplies
     σ(K)ᵀV and Σσ(K) by it). For the linear rule this is exactly the memory that segment would leave had it
     been seen c times: a much longer haystack at no extra compute.
+    distractors (a mean count, with a haystack), from batch `distractors_after` on: a Poisson number of random
+    numbers (1 to n_digits + 1 digits) put before random words of the row's prose, at least one word away from
+    the key line (haystack.insert_number). Real prose holds numbers of its own, hundreds in 2^20 tokens; these
+    teach the reads to pick the key line's number, not any number. Scaled rows repeat them c times.
     """
 
     def __init__(self, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0, process_index: int = 0,
@@ -260,8 +264,8 @@ class PasskeyIterator:
             raise ValueError("passkey_shift inserts the paper's filler, but passkey_haystack hides the key line in "
                              "prose (already at any offset): set passkey_shift=0 with a haystack")
         self.distractors, self.distractors_after = float(distractors), int(distractors_after)
-        if not 0.0 <= self.distractors <= 1.0:
-            raise ValueError(f"passkey_distractors must be a probability in [0, 1], got {distractors}")
+        if not self.distractors >= 0.0:
+            raise ValueError(f"passkey_distractors must be a mean count >= 0, got {distractors}")
         if self.distractors and haystack is None:
             raise ValueError("passkey_distractors hides random numbers in book prose, but there is none (the paper's "
                              "filler holds no numbers): set passkey_haystack=DIR or passkey_distractors=0")
@@ -305,13 +309,15 @@ class PasskeyIterator:
             length = int(rng.integers(self.min_len, self.max_len + 1))
             depth = float(rng.uniform(self.depth_min, self.depth_max))
             intro = bool(rng.random() < self.intro) if 0.0 < self.intro < 1.0 else self.intro == 1.0
-            number_N = (self._distractor(rng) if self.distractors and self.step >= self.distractors_after
-                        and rng.random() < self.distractors else None)
-            room = 0 if number_N is None else len(number_N)
+            numbers = ([self._distractor(rng) for _ in range(rng.poisson(self.distractors))]
+                       if self.distractors and self.step >= self.distractors_after else [])
+            while sum(len(n_N) for n_N in numbers) > max(0, length - self._shortest[intro]):
+                numbers.pop()  # no room left in this row for them all
+            room = sum(len(n_N) for n_N in numbers)
             ex = make_passkey_example(self.tok, max(length - room, self._shortest[intro]), depth, intro=intro,
                                       passkey=random_passkey(rng, self.n_digits), haystack=self.haystack,
                                       seed=int(rng.integers(2**31)))
-            if number_N is not None:
+            for number_N in numbers:
                 ex = self._distracted(ex, number_N, rng, intro)
             if self.shift and self.step >= self.shift_after and rng.random() < self.shift:
                 ex = self._shifted(ex, rng, intro)
