@@ -12,9 +12,9 @@ Evaluation (bits per byte, exact for byte tokens):
   * `32K windows`: the same books cut into independent 32,768-token windows (the paper's Table 2 setting),
     the memory reset at each window start.
 Writes OUT/results.json, OUT/books_lm.md (the table, and bits per byte by offset within a segment: a
-segment's first bytes have no local context, only the memory or XL's cache), OUT/segment_curves.png (loss by
-segment position in the document, all models in one figure) and OUT/gates_<model>.png (the infini models'
-gates).
+segment's first bytes have no local context, only the memory or XL's cache; and by segment position in the
+book), OUT/segment_curves.png (loss by segment position in the document, all models in one figure) and
+OUT/gates_<model>.png (the infini models' gates).
 """
 
 from __future__ import annotations
@@ -93,6 +93,20 @@ def offset_bins(curve: dict) -> list:
     loss, tok = np.asarray(curve["loss"]), np.asarray(curve["tokens"], float)
     edges = [0, 1, 4, 16, len(loss)]
     return [float((loss[a:b] * tok[a:b]).sum() / tok[a:b].sum() / np.log(2)) for a, b in zip(edges, edges[1:])]
+
+
+POSITION_BINS = ((0, 1), (1, 10), (10, 100), (100, 1000), (1000, 5000), (5000, None))
+
+
+def position_bins(curve: dict) -> list:
+    """Bits per byte by segment position in the book (POSITION_BINS, segment indices; token-weighted), None for
+    a bin no book reaches: whether a model's loss falls with position, next to the others'."""
+    seg, loss, tok = (np.asarray(curve[k], float) for k in ("segment", "loss", "tokens"))
+    out = []
+    for a, b in POSITION_BINS:
+        m = (seg >= a) & (seg < (np.inf if b is None else b))
+        out.append(float((loss[m] * tok[m]).sum() / tok[m].sum() / np.log(2)) if tok[m].sum() else None)
+    return out
 
 
 def plot(results: dict, out: Path) -> None:
@@ -175,6 +189,12 @@ def report(results: dict, out: Path) -> None:
     for name in names:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in
                                                  offset_bins(results["models"][name][split]["offset_curve"])) + " |")
+    heads = [f"{a}" if b == a + 1 else f"{a}-{b - 1}" if b else f"{a}+" for a, b in POSITION_BINS]
+    lines += ["", f"bits per byte by segment position in the book ({split}, whole book)", "",
+              "| model | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in
+                                                 position_bins(results["models"][name][split]["segment_curve"])) + " |")
     table = "\n".join(lines)
     (out / "books_lm.md").write_text(f"bits per byte (lower is better); {','.join(splits)}\n\n{table}\n")
     print(table)
