@@ -11,9 +11,9 @@ memory knock-out; on the paper's filler or hidden in book prose.
     python experiments/passkey_1m.py --out runs/m4096 --rules linear --config.data.passkey_mass_max=4096
         # any --config.<section>.<key>=value of the tiny config, applied after --steps' rescaling
 
-With --haystack, training hides a random number in the prose of half the rows (data.passkey_distractors=0.5;
---config.data.passkey_distractors=0 turns it off): book prose holds numbers of its own, and the key line's must
-be told apart from them.
+With --haystack, training hides random numbers in its prose from the mass phase on, a Poisson count of 0.5 per
+row on average (data.passkey_distractors=0.5; --config.data.passkey_distractors=0 turns it off): book prose holds
+numbers of its own, and the key line's must be told apart from them.
 
 Writes OUT/results.json, OUT/passkey_1m.md (digit accuracy tables), OUT/passkey_<rule>.png heatmaps and
 OUT/gates_<rule>.png.

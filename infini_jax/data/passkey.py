@@ -269,15 +269,13 @@ class PasskeyIterator:
         if self.distractors and haystack is None:
             raise ValueError("passkey_distractors hides random numbers in book prose, but there is none (the paper's "
                              "filler holds no numbers): set passkey_haystack=DIR or passkey_distractors=0")
-        if self.distractors:  # where a row's prose starts (after [bos] and the intro) and how long the question is
-            self._head = {i: 1 + (len(_unit_ids(tokenizer, INTRO, True)) if i else 0) for i in (False, True)}
-            self._question_len = len(_unit_ids(tokenizer, QUESTION, False))
+        self._intro_len = len(_unit_ids(tokenizer, INTRO, True))  # the shift and the distractors: where prose starts
+        self._question_len = len(_unit_ids(tokenizer, QUESTION, False))
         if self.shift:  # the filler's tails at word starts, each with the whitespace before it (none first)
             filler_N = _unit_ids(tokenizer, FILLER, False)
             lead = 0 if getattr(tokenizer, "space_prefix", False) else 1
             starts = [int(i) - lead for i in np.flatnonzero(word_starts(tokenizer, filler_N))]
             self._tails = [filler_N[i:] for i in starts if i >= 0] + [filler_N[:0]]  # as every unit after the first
-            self._intro_len = len(_unit_ids(tokenizer, INTRO, True))
         self.step = 0
         if not 0.0 <= self.intro <= 1.0:
             raise ValueError(f"passkey_intro must be a bool or a probability in [0, 1], got {intro}")
@@ -352,9 +350,10 @@ class PasskeyIterator:
                     intro: bool) -> PasskeyExample:
         """ex with number_N before a random word of its prose, at least one word away from the key line."""
         i_T = np.arange(len(ex.tokens))
+        head = 1 + (self._intro_len if intro else 0)  # [bos] and the intro
         key_end, question = ex.key_start + ex.key_len, ex.prompt_len - self._question_len
         allowed_T = word_starts(self.tok, ex.tokens) & (
-            ((i_T > self._head[intro]) & (i_T < ex.key_start)) | ((i_T > key_end) & (i_T < question)))
+            ((i_T > head) & (i_T < ex.key_start)) | ((i_T > key_end) & (i_T < question)))
         tokens_T, at = insert_number(ex.tokens, allowed_T, number_N, self.haystack.lead, rng)
         if at < 0:
             return ex
