@@ -19,6 +19,11 @@ read once more), the gated FFN 3 · 2·d·d_ff, and the logits 2·d·vocab.
 into that many devices first (train.cpu_devices), the batch is sharded over them and MFU is still against the one
 matmul peak of device 0.
 
+--profile DIR traces 3 steps of each jax row with jax.profiler (a Perfetto trace under DIR) and prints where the
+op time goes: the summed duration of XLA's ops by kind (the op name without its number, e.g. ynn_fusion for
+YNNPACK's matmul fusions, transpose_copy_fusion), as a share of all op time. Ops run on several threads at once,
+so the sum exceeds the wall time; the shares are what to read. The traced steps are not the timed ones.
+
 --peer (needs `pip install -e ".[bench]"`: torch CPU and infini-transformer-pytorch 0.2.1) times the peer at the
 same sizes, alternating one step of each, with its wrapper's `detach_mems_every_num_segments` above the number of
 segments so both backpropagate through every segment. The peer's gate is inverted relative to eq. 10
@@ -125,6 +130,26 @@ def timed(fns: dict, steps: int, warmup: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def op_profile(run, trace_dir: Path, steps: int = 3, top: int = 8) -> list:
+    """[(op kind, share of the summed op time)] of `steps` calls of `run` under jax.profiler (module doc)."""
+    import collections
+    import gzip
+    import json
+    import re
+
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _ in range(steps):
+            run()
+    trace = json.load(gzip.open(sorted(trace_dir.rglob("perfetto_trace.json.gz"))[-1]))
+    kinds = collections.Counter()
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and "dur" in e and not name.startswith("$") and "::" not in name:
+            kinds[re.sub(r"\.\d+$", "", name)] += e["dur"]  # XLA ops only: no Python frames, no runtime spans
+    total = sum(kinds.values())
+    return [(k, t / total) for k, t in kinds.most_common(top)]
+
+
 def config(a, attention: str, seq_len: int, segment: int, remat: bool = True, mode: str = "scan") -> ModelConfig:
     return ModelConfig(vocab_size=a.vocab, d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
                        head_dim=a.head_dim, d_ff=a.d_ff, segment_len=segment, n_segments=seq_len // segment,
@@ -151,6 +176,7 @@ def main():
     p.add_argument("--scaling_segment", type=int, default=512)
     p.add_argument("--devices", default="1", help="comma list of data-mesh sizes for the infini rows (CPU: "
                    "the host is split into the largest)")
+    p.add_argument("--profile", default="", help="trace dir: also print each jax row's op time by kind")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
@@ -185,6 +211,10 @@ def main():
         mib = f"{temp[name] / 2**20:,.0f}" if name in temp else "-"
         print(f"| {name} | {t:.3f} | {a.batch * a.seq_len / t:,.0f} | {flops[name] / t / peak:.0%} | {vs_peer} | "
               f"{vs_local} | {mib} |", flush=True)
+    if a.profile:
+        for i, (name, run) in enumerate((n, f) for n, f in fns.items() if n.startswith("infini-jax")):
+            shares = op_profile(run, Path(a.profile) / f"row{i}")
+            print(f"\nop time by kind, {name}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares), flush=True)
     if a.scaling:
         lengths = [int(x) for x in a.scaling.split(",")]
         fns = {n: jax_stepper(config(a, "infini", n, a.scaling_segment), 1)[0] for n in lengths}
